@@ -1,0 +1,30 @@
+# Two commands a user types on a fresh machine: `make demo` and `make test`.
+# Each creates or reuses .venv and installs exactly what setup.py lists (re-installs when setup.py changes).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= demo_out
+# No hub downloads at run time; Ray stays on loopback (see README, "Offline and loopback").
+export HF_HUB_OFFLINE := 1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: venv test demo clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m runtime.demo --out $(DEMO_DIR)
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

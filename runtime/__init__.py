@@ -1,0 +1,1 @@
+"""Shared training runtime: config, distributed environment, strategy, checkpoints, metrics, seeding."""

@@ -1,0 +1,185 @@
+"""One resolver for the distributed environment (torchrun, Slurm, single process) and the collectives we use."""
+import datetime
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST")
+
+
+class DistEnvError(RuntimeError):
+    """The process environment describes a distributed job incompletely or inconsistently."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_var(environ: Mapping[str, str], name: str, launcher: str) -> int:
+    value = environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise DistEnvError(f"{launcher} environment: {name}={value!r} is not an integer") from None
+
+
+def first_host(nodelist: str) -> str:
+    """First host name of a Slurm node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise DistEnvError(f"Slurm environment: cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _check_rank(rank: int, local_rank: int, world_size: int, launcher: str) -> None:
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise DistEnvError(f"{launcher} environment: rank {rank} / local rank {local_rank} does not fit "
+                           f"world size {world_size}")
+
+
+def resolve_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
+    """Who am I? torchrun's variables win (torchrun inside a Slurm allocation), then srun's, else one process.
+
+    A launcher whose variables are only partly set is an error naming the missing ones, never a silent fallback
+    to a single process (which would leave the other ranks waiting at the rendezvous).
+    """
+    environ = os.environ if environ is None else environ
+    present = [v for v in TORCHRUN_VARS if v in environ]
+    # MASTER_ADDR/PORT alone are often exported by job scripts for srun; rank variables mean torchrun.
+    if any(v in environ for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        missing = [v for v in TORCHRUN_VARS if v not in environ]
+        if missing:
+            raise DistEnvError(f"half-set torchrun environment: {', '.join(present)} set but "
+                               f"{', '.join(missing)} missing (launch with torchrun, or unset them)")
+        rank, local_rank, world = (_int_var(environ, v, "torchrun") for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        _check_rank(rank, local_rank, world, "torchrun")
+        return DistEnv(rank, local_rank, world, environ["MASTER_ADDR"],
+                       _int_var(environ, "MASTER_PORT", "torchrun"), "torchrun")
+    if "SLURM_PROCID" in environ:
+        missing = [v for v in SLURM_VARS if v not in environ]
+        if missing:
+            raise DistEnvError(f"half-set Slurm environment: SLURM_PROCID set but {', '.join(missing)} missing "
+                               f"(run the trainer under srun, or unset SLURM_PROCID)")
+        rank, local_rank, world = (_int_var(environ, v, "Slurm") for v in ("SLURM_PROCID", "SLURM_LOCALID",
+                                                                           "SLURM_NTASKS"))
+        _check_rank(rank, local_rank, world, "Slurm")
+        addr = environ.get("MASTER_ADDR") or first_host(environ["SLURM_JOB_NODELIST"])
+        if "MASTER_PORT" in environ:
+            port = _int_var(environ, "MASTER_PORT", "Slurm")
+        else:  # same on every task of the job, different between jobs sharing a node
+            port = 20000 + int(environ.get("SLURM_JOB_ID", "0") or 0) % 20000
+        return DistEnv(rank, local_rank, world, addr, port, "slurm")
+    return DistEnv(0, 0, 1, "127.0.0.1", 29500, "single")
+
+
+def default_device(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600) -> DistEnv:
+    """Start the process group (nccl on GPU, gloo on CPU) for the resolved environment; no-op for one process."""
+    env = env or resolve_env()
+    if env.world_size == 1 or dist.is_initialized():
+        return env
+    device = default_device(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("process group up: %s, world size %d, launcher %s", backend, env.world_size, env.launcher)
+    return env
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum across ranks, in place; the identity for one process."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(tensor).div_(get_world_size())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s object on every rank (decisions such as 'resume from this checkpoint')."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(rank: int = 0, all_ranks: bool = False, level: int = logging.INFO) -> None:
+    """Console logging with the rank in each line; ranks other than 0 only warn unless all_ranks."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_RankFilter(rank))
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)d] %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level if rank == 0 or all_ranks else max(level, logging.WARNING))

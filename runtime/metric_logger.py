@@ -1,0 +1,97 @@
+"""Training metrics: accumulated on device, reduced across ranks every N steps, written to TensorBoard and console."""
+import logging
+import time
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+
+from runtime import distributed
+
+log = logging.getLogger(__name__)
+
+
+class MetricLogger:
+    """Window means of per-step values plus throughput (img/s) and the share of wall time spent waiting for data.
+
+    `update` only adds detached tensors on their device, so a step costs no host synchronisation; every `every`
+    steps one all-reduce of one vector and one `.tolist()` produce the window's numbers (means over steps and
+    ranks), which rank 0 writes to TensorBoard (`train/<name>`, `perf/img_per_s`, `perf/data_wait_share`, ...).
+    """
+
+    def __init__(self, log_dir: Optional[Union[str, Path]], every: int = 10, prefix: str = "train",
+                 device: Optional[torch.device] = None, console: bool = True):
+        if every < 1:
+            raise ValueError(f"log interval must be >= 1, got {every}")
+        self.every = every
+        self.prefix = prefix
+        self.device = device or torch.device("cpu")
+        self.console = console
+        self.writer = None
+        if log_dir is not None and distributed.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(log_dir))
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sums: Dict[str, torch.Tensor] = {}
+        self._steps = 0
+        self._samples = 0
+        self._data_time = 0.0
+        self._t0 = time.perf_counter()
+
+    def update(self, step: int, samples: int = 0, data_time: float = 0.0,
+               **values: Union[torch.Tensor, float]) -> Optional[Dict[str, float]]:
+        """Add one step's values; returns the reduced window (on every rank) when `step` ends a window."""
+        for name, value in values.items():
+            value = value.detach().float().reshape(()) if torch.is_tensor(value) else torch.tensor(float(value))
+            value = value.to(self.device, non_blocking=True)
+            self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+        self._steps += 1
+        self._samples += samples
+        self._data_time += data_time
+        if step % self.every == 0:
+            return self.flush(step)
+        return None
+
+    def flush(self, step: int) -> Dict[str, float]:
+        """Reduce the window across ranks (a collective: every rank must call it) and write it out."""
+        if self._steps == 0:
+            return {}
+        names = sorted(self._sums)
+        elapsed = time.perf_counter() - self._t0
+        host = torch.tensor([self._steps, self._samples, self._data_time, elapsed], dtype=torch.float64)
+        vec = torch.cat([torch.stack([self._sums[n] for n in names]).double().cpu() if names
+                         else torch.zeros(0, dtype=torch.float64), host]).to(self.device)
+        reduced = distributed.all_reduce_sum(vec).tolist()
+        world = distributed.get_world_size()
+        steps, samples, data_time, elapsed_sum = reduced[len(names):]
+        elapsed = elapsed_sum / world
+        out = {f"{self.prefix}/{n}": reduced[i] / steps for i, n in enumerate(names)}
+        out["perf/img_per_s"] = samples / elapsed if elapsed > 0 else 0.0
+        out["perf/data_wait_share"] = (data_time / world) / elapsed if elapsed > 0 else 0.0
+        self.write_scalars(step, out)
+        if self.console and distributed.is_main():
+            log.info("step %d  %s", step, "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in out.items()))
+        self._reset()
+        return out
+
+    def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
+        """Values already identical on every rank (lr, samples seen): rank 0 writes them as they are."""
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """A CHW float image in [0, 1] (e.g. a grid of reconstructions or a confusion matrix)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image.detach().float().clamp(0, 1).cpu(), step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,33 @@
+"""Package definition for the UniEmoX visual-emotion pretraining system."""
+from setuptools import find_packages, setup
+
+# torch and torchvision are pinned as a pair: other pairs either fail to import together on CPU
+# (torchvision's C++ ops missing) or are not what the test machines carry.
+INSTALL_REQUIRES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "timm>=1.0",
+    "open_clip_torch>=3.0",
+    "webdataset>=1.0",
+    "braceexpand",
+    "deepspeed>=0.16",
+    "ray[tune]>=2.40",
+    "submitit>=1.5",
+    "tensorboard>=2.16",
+    "opencv-python-headless<5",  # 5.x dropped the HOG people detector and Haar cascades
+    "scikit-learn",
+    "safetensors",
+    "pyyaml",
+    "tqdm",
+    "requests",
+]
+
+setup(
+    name="uniemox",
+    version="0.1.0",
+    description="Distributed pretraining of visual-emotion encoders (UniEmoX): shards, MAE + CLIP distillation, fine-tuning",
+    packages=find_packages(include=["runtime*", "data_tools*", "pretrain*", "finetune*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+)
