@@ -23,8 +23,14 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The demo uses the same command lines a user types; each later stage appends its step here.
 demo: $(STAMP)
-	$(PY) -m runtime.demo --out $(DEMO_DIR)
+	@echo "== runtime check: 2-process DDP on CPU (gloo), checkpoints every 10 steps, TensorBoard"
+	rm -rf $(DEMO_DIR)/smoke
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m runtime.smoke \
+		--config configs/smoke.yaml run.output_dir=$(DEMO_DIR)/smoke
+	@echo "== done: run directory $(DEMO_DIR)/smoke (config.yaml, meta.json, checkpoints/, tb/)"
+	@echo "   view it with: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR) --host 127.0.0.1"
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -185,6 +185,9 @@ def _build(schema: Type[T], raw: Dict[str, Any], source: str, prefix: str = "") 
         if name in raw:
             kwargs[name] = _coerce(raw[name], hints[name], key, source)
         elif f.default is MISSING and f.default_factory is MISSING:
+            if dataclasses.is_dataclass(hints[name]):  # a section left out: name its first required key
+                kwargs[name] = _build(hints[name], {}, source, prefix=key + ".")
+                continue
             raise ConfigError(f"{source}: missing required key '{key}' (set it in the config file or as {key}=...)")
         if f.metadata.get("must_exist") and kwargs.get(name) is not None:
             if not os.path.exists(kwargs[name]):

@@ -1,0 +1,95 @@
+"""The runtime end to end: 2-rank torchrun DDP on CPU (gloo), SIGKILL mid-run, resume from `latest`."""
+import json
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from runtime.checkpoint import CheckpointStore, load_checkpoint
+
+from conftest import REPO, clean_env, run_torchrun, torchrun_cmd
+
+ARGS = ["--config", "configs/smoke.yaml"]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and its workers at once (torchrun starts each worker in a session of its own)."""
+    parent = psutil.Process(pid)
+    procs = [parent, *parent.children(recursive=True)]
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 2-rank run of the smoke config (40 steps, checkpoint every 10, keep 2)."""
+    out = tmp_path_factory.mktemp("reference")
+    run_torchrun(2, "runtime.smoke", *ARGS, f"run.output_dir={out}")
+    return out
+
+
+def test_two_ranks_train_to_identical_weights(reference_run):
+    result = json.loads((reference_run / "smoke_result.json").read_text())
+    assert result["world_size"] == 2 and result["final_step"] == 40
+    assert result["ranks_in_sync"] and len(set(result["param_checksums"])) == 1
+    losses = [w["train/loss"] for w in result["windows"]]
+    assert losses[-1] < 0.5 * losses[0], losses
+    store = CheckpointStore(reference_run / "checkpoints")
+    assert [s for s, _ in store.checkpoints()] == [30, 40]  # keep_last: 2
+    state = load_checkpoint(reference_run)
+    assert state["step"] == 40 and state["samples_seen"] == 40 * 16 * 2 and len(state["rng"]) == 2
+    config = yaml.safe_load((reference_run / "config.yaml").read_text())
+    assert config["optim"]["lr"] == pytest.approx(0.2 * 16 * 2 / 256)  # blr * effective batch / 256
+    assert state["config"] == config
+    meta = json.loads((reference_run / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["launcher"] == "torchrun"
+
+
+def test_tensorboard_events(reference_run):
+    acc = EventAccumulator(str(reference_run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == list(range(5, 41, 5))
+    result = json.loads((reference_run / "smoke_result.json").read_text())
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([w["train/loss"] for w in result["windows"]])
+    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert lrs[1] == pytest.approx(0.025)  # step 10 = end of the 1-epoch warmup: the peak lr
+    assert lrs[-1] < lrs[1]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, tmp_path):
+    out = tmp_path / "killed"
+    cmd = torchrun_cmd(2, "runtime.smoke", *ARGS, f"run.output_dir={out}", "step_sleep_s=0.15")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = CheckpointStore(out / "checkpoints")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            latest = store.latest()
+            if latest is not None and load_checkpoint(latest)["step"] >= 20:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be interrupted"
+    finally:
+        kill_tree(proc.pid)
+        proc.wait(timeout=30)
+
+    # whatever the moment of the kill, every committed checkpoint is whole and `latest` names one of them
+    killed_at = load_checkpoint(out)["step"]
+    assert 20 <= killed_at < 40
+    for step, path in store.checkpoints():
+        assert load_checkpoint(path)["step"] == step
+
+    run_torchrun(2, "runtime.smoke", *ARGS, f"run.output_dir={out}")
+    result = json.loads((out / "smoke_result.json").read_text())
+    assert result["resumed_from_step"] == killed_at and result["final_step"] == 40 and result["ranks_in_sync"]
+    resumed, reference = load_checkpoint(out), load_checkpoint(reference_run)
+    assert resumed["step"] == reference["step"] == 40
+    for name, tensor in reference["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    assert not any(p.name.startswith(".partial-") for p in (out / "checkpoints").iterdir())
