@@ -1,0 +1,105 @@
+"""Command line: python -m data_tools {shard-folder, shard-emoset, crawl, verify} ..."""
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from data_tools.images import DEFAULT_MAX_PIXELS
+from data_tools.samples import ImageOptions
+
+
+def _image_args(p: argparse.ArgumentParser, min_shards: int) -> None:
+    p.add_argument("--out", required=True, help="output directory (created; reruns skip finished shards)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (at most 10000)")
+    p.add_argument("--min-shards", type=int, default=min_shards,
+                   help="at least this many shards per split (>= loader workers x ranks for plain reading)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="shard-writing processes")
+    p.add_argument("--max-side", type=int, default=512, help="longer image side after re-encoding (0: keep)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    p.add_argument("--detector", default="hog+face",
+                   help="person detector: hog, face, hog+face, none, or torchvision:ARCH:/path/weights.pth")
+
+
+def _options(args) -> ImageOptions:
+    return ImageOptions(max_side=args.max_side, quality=args.quality, max_pixels=args.max_pixels,
+                        detector=args.detector)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("shard-folder", help="a benchmark (UBE, FI, Emo8, CAER-S, HECO, Emotion6) or class-folder tree")
+    p.add_argument("name", help="registry name, or any name with --generic")
+    p.add_argument("src", help="dataset root: class folders, train/val/test folders, or splits/*.txt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (written to splits/*.txt)")
+    p.add_argument("--split-files", help="directory with train.txt/val.txt/test.txt ('path [label]' lines)")
+    p.add_argument("--generic", action="store_true", help="not a registered benchmark: classes = sub-folders")
+    p.add_argument("--ratios", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                   help="split ratios for --generic")
+    _image_args(p, min_shards=8)
+
+    p = sub.add_parser("shard-emoset", help="EmoSet-118K layout with attribute annotations")
+    p.add_argument("src", help="EmoSet root (train.json, val.json, test.json, image/, annotation/, info.json)")
+    p.add_argument("--name", default="EmoSet")
+    _image_args(p, min_shards=8)
+
+    p = sub.add_parser("crawl", help="download a URL list into shards")
+    p.add_argument("annotations", help="CSV/TSV/parquet/JSONL with a url column (or FindingEmo's image_path)")
+    p.add_argument("--name", default="web", help="dataset name recorded in each sample")
+    p.add_argument("--split", default="train")
+    p.add_argument("--url-map", help="FindingEmo dataset_urls_exploded.json: image_path -> URLs")
+    p.add_argument("--url-column"), p.add_argument("--label-column"), p.add_argument("--caption-column")
+    p.add_argument("--classes", help="file with one class name per line (default: the labels found, sorted)")
+    p.add_argument("--threads", type=int, default=16, help="concurrent downloads per shard-writing process")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    p.add_argument("--retries", type=int, default=2, help="retries on timeouts, 5xx and 429")
+    p.add_argument("--max-bytes", type=int, default=20_000_000, help="refuse larger downloads")
+    _image_args(p, min_shards=1)
+
+    p = sub.add_parser("verify", help="re-read every shard; check schema and stats; count classes")
+    p.add_argument("root", help="a directory written by shard-folder, shard-emoset or crawl")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "shard-folder":
+            from data_tools.folder import shard_folder
+            info = shard_folder(args.name, args.src, args.out, seed=args.seed, shard_size=args.shard_size,
+                                min_shards=args.min_shards, workers=args.workers, split_files=args.split_files,
+                                generic=args.generic, ratios=tuple(args.ratios), options=_options(args))
+            print(json.dumps(info["splits"], indent=1))
+        elif args.command == "shard-emoset":
+            from data_tools.emoset import shard_emoset
+            info = shard_emoset(args.src, args.out, shard_size=args.shard_size, min_shards=args.min_shards,
+                                workers=args.workers, options=_options(args), name=args.name)
+            print(json.dumps(info["splits"], indent=1))
+        elif args.command == "crawl":
+            from data_tools.crawl import crawl
+            classes = None
+            if args.classes:
+                classes = [c.strip() for c in open(args.classes) if c.strip()]
+            summary = crawl(args.annotations, args.out, name=args.name, split=args.split,
+                            shard_size=args.shard_size, min_shards=args.min_shards, workers=args.workers,
+                            threads=args.threads, timeout=args.timeout, retries=args.retries,
+                            max_bytes=args.max_bytes, classes=classes, url_column=args.url_column,
+                            label_column=args.label_column, caption_column=args.caption_column,
+                            url_map=args.url_map, options=_options(args))
+            print(json.dumps(summary, indent=1))
+        else:
+            from data_tools.verify import format_report, verify
+            report = verify(args.root)
+            print(json.dumps(report, indent=1) if args.json else format_report(report))
+            return 1 if report["problems"] else 0
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""`shard-folder`: a benchmark's class-folder tree (or any ImageFolder tree) -> split shards, split lists, info."""
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from data_tools.images import read_file
+from data_tools.registry import DatasetSpec, generic_spec, get_dataset
+from data_tools.samples import ImageOptions, SampleBuilder
+from data_tools.splits import SPLITS, discover, write_split_lists
+from data_tools.writer import finalize_split, plan_shards, run_shard_tasks, write_info
+
+log = logging.getLogger(__name__)
+
+
+class FolderSample:
+    """Picklable shard job body: read one file of the tree and build its sample."""
+
+    def __init__(self, src: Path, builder: SampleBuilder):
+        self.src = Path(src)
+        self.builder = builder
+
+    def __call__(self, item: Dict[str, Any]):
+        data = read_file(self.src / item["source"])
+        return self.builder.build(data, split=item["split"], source=item["source"], label=item["label"])
+
+
+def shard_folder(name: str, src: str, out: str, *, seed: int = 0, shard_size: int = 1000, min_shards: int = 8,
+                 workers: int = 1, split_files: Optional[str] = None, generic: bool = False,
+                 ratios: Tuple[float, float, float] = (0.8, 0.1, 0.1),
+                 options: Optional[ImageOptions] = None) -> Dict[str, Any]:
+    """Shard a dataset folder into out/<split>/NNNNN.tar; returns (and writes) out/info.json."""
+    src_path, out_path = Path(src), Path(out)
+    options = options or ImageOptions()
+    if generic:
+        if not src_path.is_dir():
+            raise FileNotFoundError(f"dataset source is not a directory: {src_path}")
+        classes = tuple(sorted(p.name for p in src_path.iterdir() if p.is_dir() and p.name not in SPLITS
+                               and p.name != "splits" and not p.name.startswith(".")))
+        if not classes and (src_path / "train").is_dir():
+            classes = tuple(sorted(p.name for p in (src_path / "train").iterdir() if p.is_dir()))
+        spec: DatasetSpec = generic_spec(name, classes, ratios)
+    else:
+        spec = get_dataset(name)
+    builder = SampleBuilder(spec.name, spec.classes, options)  # checks the detector spec before any work
+    splits = discover(src_path, spec, seed, Path(split_files) if split_files else None)
+    write_split_lists(out_path, splits, spec)
+    maker = FolderSample(src_path, builder)
+    summary = {}
+    for split, items in splits.items():
+        records = [{"source": rel, "label": label, "split": split} for rel, label, _ in items]
+        tasks = plan_shards(out_path / split, split, records, shard_size, min_shards)
+        stats = run_shard_tasks(tasks, maker, workers, desc=f"{spec.name}/{split}")
+        summary[split] = finalize_split(out_path / split, stats)
+        log.info("%s/%s: %d samples in %d shards, %d failed", spec.name, split, summary[split]["samples"],
+                 summary[split]["shards"], summary[split]["failed"])
+    info = {"dataset": spec.name, "task": spec.task, "classes": list(spec.classes), "split_rule": spec.split_rule,
+            "seed": seed, "splits": summary, "source": str(src_path.resolve()),
+            "image": {"max_side": options.max_side, "quality": options.quality, "max_pixels": options.max_pixels},
+            "detector": options.detector}
+    write_info(out_path, info)
+    return info

@@ -1,0 +1,227 @@
+"""The shard reader both trainers use: webdataset stages with explicit rank/worker split and (seed, epoch) seeds.
+
+Order of stages: shard list (seeded permutation split by rank then worker, or seeded weighted resampling) ->
+tar members -> shuffle buffer on raw bytes -> decode (corrupt samples dropped and counted) -> the trainer's
+transform -> batches that carry the number of samples dropped since the previous batch (`batch["corrupt"]`).
+"""
+import io
+import logging
+import math
+import multiprocessing as mp
+import random
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import braceexpand
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import _shuffle
+
+from data_tools.images import to_rgb
+
+log = logging.getLogger(__name__)
+
+
+class SharedEpoch:
+    """An epoch number the main process sets and (forked) loader workers read when they start iterating."""
+
+    def __init__(self, epoch: int = 0):
+        self.value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self.value.value = epoch
+
+    def get(self) -> int:
+        return self.value.value
+
+
+class CorruptCounter:
+    """Samples dropped in this process (one per loader worker), by reason; warnings are rate-limited."""
+
+    def __init__(self):
+        self.pending = 0
+        self.total: Dict[str, int] = {}
+
+    def add(self, reason: str, detail: str) -> None:
+        self.pending += 1
+        self.total[reason] = self.total.get(reason, 0) + 1
+        n = sum(self.total.values())
+        if n <= 5 or n % 1000 == 0:
+            log.warning("skipped corrupt sample (%s, %d so far in this worker): %s", reason, n, detail)
+
+    def take(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+
+COUNTER = CorruptCounter()
+
+
+def _count_tar_error(exn: Exception) -> bool:
+    """webdataset handler: a broken tar (truncated, unreadable) is counted, and reading goes on."""
+    COUNTER.add("bad_tar", repr(exn))
+    return True
+
+
+def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
+    """Brace patterns ('shards/{00000..00009}.tar') and lists of them -> concrete shard paths."""
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    return [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
+
+
+def _worker() -> tuple:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class ShardList(IterableDataset):
+    """Shard URLs for one rank and loader worker.
+
+    Plain: every epoch a permutation seeded by (seed, epoch), identical on all ranks, dealt to ranks then workers,
+    so each shard is read exactly once per epoch. Resampled: shards drawn with replacement by weight, seeded by
+    (seed, epoch, rank, worker) — endless; `with_epoch` fixes the number of batches.
+    """
+
+    def __init__(self, sources: Sequence[Sequence[str]], weights: Optional[Sequence[float]], resampled: bool,
+                 seed: int, epoch: SharedEpoch, rank: int, world_size: int):
+        self.urls: List[str] = []
+        self.url_weights: List[float] = []
+        weights = weights or [1.0] * len(sources)
+        if len(weights) != len(sources):
+            raise ValueError(f"{len(weights)} weights given for {len(sources)} shard sources")
+        for urls, weight in zip(sources, weights):
+            if not urls:
+                raise ValueError("a shard source expands to no shards")
+            self.urls += list(urls)
+            self.url_weights += [weight / len(urls)] * len(urls)  # a source's weight shared by its shards
+        self.resampled, self.seed, self.epoch = resampled, seed, epoch
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[Dict[str, str]]:
+        epoch = self.epoch.get()
+        worker, n_workers = _worker()
+        if self.resampled:
+            rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
+            while True:
+                yield {"url": rng.choices(self.urls, weights=self.url_weights)[0]}
+        urls = list(self.urls)
+        random.Random(f"{self.seed}/{epoch}").shuffle(urls)
+        for url in urls[self.rank::self.world_size][worker::n_workers]:
+            yield {"url": url}
+
+
+def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int):
+    """Shuffle buffer over raw samples (before decoding) with a seed from (seed, epoch, rank, worker)."""
+    def stage(src: Iterable[Dict[str, Any]]):
+        if bufsize <= 1:
+            yield from src
+            return
+        worker, _ = _worker()
+        rng = random.Random(f"{seed}/{epoch.get()}/{rank}/{worker}/shuffle")
+        yield from _shuffle(src, bufsize=bufsize, initial=min(bufsize, 100), rng=rng)
+    return stage
+
+
+def decode_samples(image_format: str = "pil"):
+    """Raw tar members -> {'__key__', '__url__', 'image', 'meta'}; unusable samples are dropped and counted."""
+    import json
+    from torchvision.io import ImageReadMode, decode_image
+
+    def stage(src: Iterable[Dict[str, Any]]):
+        for sample in src:
+            where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+            if "json" not in sample:
+                COUNTER.add("missing_json", where)
+                continue
+            if "jpg" not in sample:
+                COUNTER.add("missing_image", where)
+                continue
+            try:
+                meta = json.loads(sample["json"])
+                if image_format == "pil":
+                    image = Image.open(io.BytesIO(sample["jpg"]))
+                    image.load()
+                    image = to_rgb(image)
+                else:
+                    image = decode_image(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8),
+                                         mode=ImageReadMode.RGB)
+            except Exception as e:  # any undecodable member is a corrupt sample, never a crash
+                COUNTER.add("corrupt_sample", f"{where}: {type(e).__name__}: {e}")
+                continue
+            yield {"__key__": sample["__key__"], "__url__": sample.get("__url__"), "image": image, "meta": meta}
+    return stage
+
+
+def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Tensors stacked, numbers made tensors, anything else (keys, metadata) kept as lists."""
+    batch: Dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if all(torch.is_tensor(v) for v in values):
+            batch[key] = torch.stack(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+def batch_with_counts(batch_size: int, partial: bool):
+    """Batches of the transformed samples; each carries `corrupt`, the samples dropped since the last batch."""
+    def stage(src: Iterable[Dict[str, Any]]):
+        buf: List[Dict[str, Any]] = []
+        for sample in src:
+            buf.append(sample)
+            if len(buf) == batch_size:
+                yield {**collate(buf), "corrupt": COUNTER.take()}
+                buf = []
+        if buf and partial:
+            yield {**collate(buf), "corrupt": COUNTER.take()}
+    return stage
+
+
+def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, batch_size: int,
+                transform: Callable[[Dict[str, Any]], Dict[str, Any]], num_workers: int = 2, seed: int = 0,
+                epoch: Optional[SharedEpoch] = None, rank: int = 0, world_size: int = 1, resampled: bool = True,
+                batches_per_epoch: Optional[int] = None, weights: Optional[Sequence[float]] = None,
+                shuffle_buffer: int = 1000, image_format: str = "pil", drop_last: bool = True) -> DataLoader:
+    """A DataLoader over shards. `urls`: a brace pattern, a list of shards, or a list of sources (lists) to mix
+    by `weights` (resampled only). `batches_per_epoch`: batches each rank gets per epoch (rounded up to a
+    multiple of num_workers; the loader's `num_batches` says how many) — required when resampled."""
+    if isinstance(urls, str) or (urls and isinstance(urls[0], str)):
+        sources = [expand_urls(urls)]
+    else:
+        sources = [expand_urls(s) for s in urls]
+    n_shards = sum(len(s) for s in sources)
+    if n_shards == 0:
+        raise ValueError(f"no shards match {urls!r}")
+    if len(sources) > 1 and not resampled:
+        raise ValueError("mixing several shard sources by weight needs resampled=True")
+    workers = max(1, num_workers)
+    if not resampled and n_shards < workers * world_size:
+        raise ValueError(f"{n_shards} shards cannot feed {workers} loader workers x {world_size} ranks: some would "
+                         f"get no shard and hang the job. Write more, smaller shards (shard size), lower "
+                         f"num_workers, or read with resampled=True")
+    if resampled and not batches_per_epoch:
+        raise ValueError("resampled shards are endless: give batches_per_epoch")
+    epoch = epoch or SharedEpoch()
+    pipeline = wds.DataPipeline(
+        ShardList(sources, weights, resampled, seed, epoch, rank, world_size),
+        wds.tarfile_to_samples(handler=_count_tar_error),
+        seeded_shuffle(shuffle_buffer, seed, epoch, rank),
+        decode_samples(image_format),
+        wds.map(transform),
+        batch_with_counts(batch_size, partial=not drop_last),
+    )
+    num_batches = None
+    if batches_per_epoch:
+        per_worker = math.ceil(batches_per_epoch / workers)
+        pipeline = pipeline.with_epoch(per_worker)
+        num_batches = per_worker * workers
+    loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=False)
+    loader.num_batches = num_batches
+    loader.epoch = epoch
+    loader.num_shards = n_shards
+    return loader

@@ -1,0 +1,57 @@
+"""The downstream benchmarks: class vocabularies, task types and split rules (METHOD.md §6)."""
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+MIKELS8 = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    classes: Tuple[str, ...]
+    # "per_class": seeded ratios within each class; "per_group": within each (class, sub-folder);
+    # "official_test_split": the source's train/ and test/ kept, test divided into test and val;
+    # "files": the source's own split files are required
+    split_rule: str
+    ratios: Tuple[float, float, float] = (0.8, 0.1, 0.1)   # train, val, test
+    task: str = "single_label"                               # or "multi_label", "regression"
+    note: str = ""
+
+    def class_index(self, folder_name: str) -> Optional[int]:
+        """Index of a class folder, matched case-insensitively ('Anger' and 'anger' are the same class)."""
+        lowered = [c.lower() for c in self.classes]
+        name = folder_name.lower()
+        return lowered.index(name) if name in lowered else None
+
+
+REGISTRY: Dict[str, DatasetSpec] = {s.name: s for s in [
+    DatasetSpec("FI", MIKELS8, "per_class", (0.80, 0.05, 0.15)),
+    DatasetSpec("Emotion6", ("anger", "disgust", "fear", "joy", "sadness", "surprise"), "per_class",
+                (0.70, 0.10, 0.20)),
+    DatasetSpec("UBE", ("anger", "fear", "joy", "love", "sadness", "surprise"), "per_group", (0.70, 0.10, 0.20),
+                note="UnBiasedEmo: class folders hold sub-folders of subjects; split within each (class, sub-folder)"),
+    DatasetSpec("CAER-S", ("Anger", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"),
+                "official_test_split", (0.0, 0.34, 0.66),
+                note="official train/ and test/; the official test set is divided 66% test / 34% val per class"),
+    DatasetSpec("HECO", ("Anger", "Disgust", "Excitement", "Fear", "Happiness", "Peace", "Sadness", "Surprise"),
+                "per_class", (0.70, 0.10, 0.20)),
+    DatasetSpec("Emo8", MIKELS8, "files", (0.8, 0.1, 0.1), note="the authors' split files (8:1:1) are required"),
+]}
+
+
+class UnknownDatasetError(KeyError):
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    for key, spec in REGISTRY.items():
+        if key.lower() == name.lower():
+            return spec
+    raise UnknownDatasetError(f"unknown dataset {name!r}; registered: {', '.join(REGISTRY)} "
+                              f"(use --generic for any class-folder tree)")
+
+
+def generic_spec(name: str, classes: Tuple[str, ...], ratios: Tuple[float, float, float]) -> DatasetSpec:
+    """Any ImageFolder-style tree: classes are its sub-folders, split per class by the given ratios."""
+    return DatasetSpec(name, tuple(classes), "per_class", ratios)

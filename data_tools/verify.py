@@ -1,0 +1,79 @@
+"""`verify`: re-read every shard of a dataset directory, check schema and stats, count classes and splits."""
+import io
+import json
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List
+
+from PIL import Image
+
+from data_tools.schema import SchemaError, validate_record
+
+
+def _read_tar(path: Path) -> tuple:
+    """({key: {ext: bytes}}, error or None) — a truncated tar yields the members before the break."""
+    members: Dict[str, Dict[str, bytes]] = defaultdict(dict)
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                members[key][ext] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return members, f"{type(e).__name__}: {e}"
+    return members, None
+
+
+def verify(root: str) -> Dict[str, Any]:
+    """A report: per split and class counts, and every problem found (each names the shard and sample)."""
+    root_path = Path(root)
+    problems: List[str] = []
+    counts: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    if not (root_path / "info.json").is_file():
+        problems.append(f"{root_path}: no info.json (was the dataset written by data_tools?)")
+    tars = sorted(root_path.rglob("*.tar"))
+    if not tars:
+        problems.append(f"{root_path}: no shards (*.tar)")
+    for tar_path in tars:
+        stats_file = tar_path.with_name(tar_path.stem + "_stats.json")
+        members, error = _read_tar(tar_path)
+        if error:
+            problems.append(f"{tar_path}: unreadable tar ({error})")
+        good = 0
+        for key, files in sorted(members.items()):
+            where = f"{tar_path}:{key}"
+            if "json" not in files or "jpg" not in files:
+                problems.append(f"{where}: has {sorted(files)}, expected jpg and json")
+                continue
+            try:
+                record = json.loads(files["json"])
+                validate_record(record, where)
+                with Image.open(io.BytesIO(files["jpg"])) as img:
+                    img.load()
+                    if img.size != (record["width"], record["height"]):
+                        raise SchemaError(f"{where}: image is {img.size}, record says "
+                                          f"{(record['width'], record['height'])}")
+            except (SchemaError, json.JSONDecodeError, OSError, SyntaxError) as e:
+                problems.append(f"{where}: corrupt sample ({e})")
+                continue
+            good += 1
+            counts[record["split"]][record["emotion"] or "<unlabelled>"] += 1
+        if not stats_file.is_file():
+            problems.append(f"{tar_path}: no {stats_file.name} (shard incomplete?)")
+        else:
+            expected = json.loads(stats_file.read_text())["samples"]
+            if expected != good:
+                problems.append(f"{tar_path}: {good} good samples, {stats_file.name} says {expected}")
+    return {"root": str(root_path), "shards": len(tars),
+            "samples": sum(sum(c.values()) for c in counts.values()),
+            "counts": {split: dict(sorted(c.items())) for split, c in sorted(counts.items())}, "problems": problems}
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    lines = [f"{report['root']}: {report['shards']} shards, {report['samples']} good samples"]
+    for split, classes in report["counts"].items():
+        lines.append(f"  {split}: {sum(classes.values())} — " + ", ".join(f"{k} {v}" for k, v in classes.items()))
+    lines += [f"  PROBLEM {p}" for p in report["problems"]] or ["  no problems found"]
+    return "\n".join(lines)
