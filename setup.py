@@ -29,5 +29,5 @@ setup(
     packages=find_packages(include=["runtime*", "data_tools*", "pretrain*", "finetune*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest>=8", "pytest-timeout", "psutil"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout", "psutil", "scikit-image"]},
 )

@@ -168,16 +168,26 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def batch_with_counts(batch_size: int, partial: bool):
-    """Batches of the transformed samples; each carries `corrupt`, the samples dropped since the last batch."""
+    """Batches of the transformed samples; each carries `corrupt`, the samples dropped since the last batch.
+
+    One batch is held back until the next is complete (or the stream ends), so samples dropped after the
+    last full batch are still reported, on the final batch.
+    """
     def stage(src: Iterable[Dict[str, Any]]):
+        held: Optional[Dict[str, Any]] = None
         buf: List[Dict[str, Any]] = []
         for sample in src:
             buf.append(sample)
             if len(buf) == batch_size:
-                yield {**collate(buf), "corrupt": COUNTER.take()}
-                buf = []
+                if held is not None:
+                    yield {**held, "corrupt": COUNTER.take()}
+                held, buf = collate(buf), []
         if buf and partial:
-            yield {**collate(buf), "corrupt": COUNTER.take()}
+            if held is not None:
+                yield {**held, "corrupt": 0}
+            held = collate(buf)
+        if held is not None:
+            yield {**held, "corrupt": COUNTER.take()}
     return stage
 
 

@@ -1,0 +1,164 @@
+"""The crawler against a real HTTP server on 127.0.0.1: images, errors, slow and flaky answers, reruns."""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+import pytest
+
+from data_tools.crawl import DownloadError, crawl, fetch, read_annotations
+from data_tools.samples import ImageOptions
+from data_tools.verify import verify
+
+from image_data import jpeg_bytes, photo_crop
+
+NO_DETECT = ImageOptions(detector="none")
+
+
+class Handler(BaseHTTPRequestHandler):
+    hits: dict = {}
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code, body=b"", ctype="image/jpeg"):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        Handler.hits[self.path] = Handler.hits.get(self.path, 0) + 1
+        if self.path.startswith("/img/"):
+            n = int(self.path.split("/")[-1].split(".")[0])
+            self._send(200, jpeg_bytes(photo_crop(n, 48)))
+        elif self.path == "/missing.jpg":
+            self._send(404, b"not found", "text/plain")
+        elif self.path == "/page.jpg":
+            self._send(200, b"<html><body>a login page</body></html>", "text/html; charset=utf-8")
+        elif self.path == "/slow.jpg":
+            time.sleep(1.5)
+            self._send(200, jpeg_bytes(photo_crop(1, 48)))
+        elif self.path == "/flaky.jpg":  # fails once, then works: a retry must recover it
+            if Handler.hits[self.path] == 1:
+                self._send(503, b"busy", "text/plain")
+            else:
+                self._send(200, jpeg_bytes(photo_crop(2, 48)))
+        elif self.path == "/big.jpg":
+            self._send(200, b"\xff" * 300_000)
+        elif self.path == "/bytes.jpg":  # image bytes with a wrong content type: still accepted after decoding
+            self._send(200, jpeg_bytes(photo_crop(3, 48)), "application/octet-stream")
+        else:
+            self._send(404, b"", "text/plain")
+
+
+@pytest.fixture
+def server():
+    Handler.hits = {}
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_fetch_errors(server):
+    assert fetch(f"{server}/img/1.jpg")[:2] == b"\xff\xd8"
+    cases = {f"{server}/missing.jpg": "http_404", f"{server}/page.jpg": "not_an_image",
+             f"{server}/big.jpg": "too_large", "file:///etc/passwd": "bad_scheme", "ftp://x/y.jpg": "bad_scheme",
+             "http://127.0.0.1:9/nothing.jpg": "connection_error"}
+    for url, reason in cases.items():
+        with pytest.raises(DownloadError) as e:
+            fetch(url, timeout=2, retries=0, max_bytes=200_000)
+        assert e.value.reason == reason, url
+    with pytest.raises(DownloadError) as e:
+        fetch(f"{server}/slow.jpg", timeout=0.3, retries=1)
+    assert e.value.reason == "timeout"
+    assert Handler.hits["/slow.jpg"] == 2  # the timeout was retried once
+    assert fetch(f"{server}/flaky.jpg", retries=1)[:2] == b"\xff\xd8" and Handler.hits["/flaky.jpg"] == 2
+
+
+def test_crawl_csv_status_table_and_rerun(server, tmp_path):
+    rows = [{"url": f"{server}/img/{n}.jpg", "label": ["joy", "fear"][n % 2], "caption": f"photo {n}"}
+            for n in range(6)]
+    rows += [{"url": f"{server}/missing.jpg", "label": "joy", "caption": ""},
+             {"url": f"{server}/page.jpg", "label": "joy", "caption": ""},
+             {"url": f"{server}/slow.jpg", "label": "fear", "caption": ""},
+             {"url": f"{server}/flaky.jpg", "label": "fear", "caption": "flaky"},
+             {"url": f"{server}/bytes.jpg", "label": "joy", "caption": ""},
+             {"url": "", "label": "joy", "caption": ""},
+             {"url": "file:///etc/hostname", "label": "joy", "caption": ""}]
+    csv = tmp_path / "urls.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    out = tmp_path / "web"
+    summary = crawl(str(csv), str(out), shard_size=5, threads=4, timeout=0.5, retries=1, options=NO_DETECT)
+    assert summary["samples"] == 8 and summary["failed"] == 5 and summary["shards"] == 3
+    assert summary["failures"] == {"http_404": 1, "not_an_image": 1, "timeout": 1, "missing_url": 1,
+                                   "bad_scheme": 1}
+    status = [json.loads(line) for p in sorted(out.glob("*_status.jsonl")) for line in p.read_text().splitlines()]
+    assert len(status) == len(rows)
+    by_source = {r["source"]: r for r in status}
+    assert by_source[f"{server}/missing.jpg"]["reason"] == "http_404"
+    assert "HTTP 404" in by_source[f"{server}/missing.jpg"]["error"]
+    assert by_source[f"{server}/flaky.jpg"]["status"] == "ok"
+    info = json.loads((out / "info.json").read_text())
+    assert info["classes"] == ["fear", "joy"]
+    report = verify(str(out))
+    assert report["problems"] == [] and report["counts"]["train"] == {"fear": 4, "joy": 4}
+    # a caption becomes the sample's text; a row without one gets the emotion sentence
+    records = {}
+    import tarfile
+    for tar_path in out.glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                if m.name.endswith(".json"):
+                    r = json.loads(tar.extractfile(m).read())
+                    records[r["source"]] = r
+    assert records[f"{server}/img/0.jpg"]["text"] == "photo 0"
+    assert records[f"{server}/bytes.jpg"]["text"] == "The overall emotion conveyed is joy."
+    # a rerun downloads nothing again; losing one shard's marker re-fetches only that shard
+    hits = dict(Handler.hits)
+    crawl(str(csv), str(out), shard_size=5, threads=4, timeout=0.5, retries=1, options=NO_DETECT)
+    assert Handler.hits == hits
+    (out / "00000_stats.json").unlink()
+    crawl(str(csv), str(out), shard_size=5, threads=4, timeout=0.5, retries=1, options=NO_DETECT)
+    assert Handler.hits["/img/0.jpg"] == 2 and Handler.hits["/img/5.jpg"] == 1
+
+
+def test_findingemo_format(server, tmp_path):
+    """FindingEmo's annotation CSV (image_path, emotion, valence, arousal) plus its URL map, several URLs a path."""
+    ann = tmp_path / "annotations_single.ann"
+    ann.write_text("index,user,image_path,tags,age,valence,arousal,emotion,dec_factors,ambiguity,datetime\n"
+                   "0,u1,/Run_2/kids/a.jpg,Undefined,Children,2,4,Joy,FacialExpression,0,2023-09-01\n"
+                   "5,u1,/Run_2/office/b.jpg,Undefined,Adults,-1,3,Anger,\"BodyLanguage,Staging\",0,2023-09-01\n"
+                   "6,u2,/Run_1/gone/c.jpg,Undefined,Adults,0,1,Trust,BodyLanguage,3,2023-09-01\n")
+    url_map = tmp_path / "dataset_urls_exploded.json"
+    url_map.write_text(json.dumps([
+        {"rel_path": "/Run_2/kids/a.jpg", "idx_url": 2, "url": f"{server}/img/10.jpg"},
+        {"rel_path": "/Run_2/kids/a.jpg", "idx_url": 1, "url": f"{server}/missing.jpg"},  # tried first, 404s
+        {"rel_path": "/Run_2/office/b.jpg", "idx_url": 1, "url": f"{server}/img/11.jpg"},
+    ]))
+    items = read_annotations(str(ann), url_map=str(url_map))
+    assert items[0]["urls"] == [f"{server}/missing.jpg", f"{server}/img/10.jpg"]
+    assert items[1]["valence"] == -1.0 and items[1]["arousal"] == 3.0 and items[2]["urls"] == []
+    summary = crawl(str(ann), str(tmp_path / "fe"), name="FindingEmo", url_map=str(url_map), threads=2,
+                    options=NO_DETECT)
+    assert summary["samples"] == 2 and summary["failures"] == {"missing_url": 1}
+    import tarfile
+    with tarfile.open(tmp_path / "fe" / "00000.tar") as tar:
+        records = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+    joy = next(r for r in records if r["emotion"] == "Joy")
+    assert (joy["valence"], joy["arousal"], joy["source"]) == (2.0, 4.0, f"{server}/img/10.jpg")
+
+
+def test_annotation_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("link,label\nhttp://x/1.jpg,joy\n")
+    with pytest.raises(ValueError, match="no URL column .*columns: link, label"):
+        read_annotations(str(bad))
+    with pytest.raises(ValueError, match="annotation file not found"):
+        read_annotations(str(tmp_path / "none.csv"))
+    assert read_annotations(str(bad), url_column="link")[0]["urls"] == ["http://x/1.jpg"]

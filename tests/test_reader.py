@@ -1,0 +1,129 @@
+"""The shard reader: exactly-once plain epochs across ranks and workers, seeded resampling, corrupt samples."""
+import io
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from data_tools.folder import shard_folder
+from data_tools.reader import SharedEpoch, make_loader
+from data_tools.samples import ImageOptions
+
+from conftest import run_torchrun
+from image_data import jpeg_bytes, make_class_tree, photo_crop
+
+
+def key_label(sample):
+    img = torch.from_numpy(np.array(sample["image"])).permute(2, 0, 1)
+    return {"key": sample["__key__"], "label": sample["meta"]["label"], "image": img}
+
+
+def all_keys(split_dir):
+    keys = []
+    for tar_path in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            keys += sorted({m.name.split(".")[0] for m in tar})
+    return keys
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reader")
+    make_class_tree(root / "src", ["a", "b", "c"], per_class=20, size=24)
+    shard_folder("toy", str(root / "src"), str(root / "out"), generic=True, ratios=(1.0, 0.0, 0.0),
+                 shard_size=6, min_shards=8, options=ImageOptions(detector="none"))
+    return root / "out" / "train"
+
+
+def test_plain_epoch_reads_every_sample_once(shards):
+    expected = all_keys(shards)
+    assert len(expected) == 60 and len(list(shards.glob("*.tar"))) == 10
+    loader = make_loader(str(shards / "{00000..00009}.tar"), batch_size=7, transform=key_label, num_workers=2,
+                         resampled=False, drop_last=False)
+    batches = list(loader)
+    keys = [k for b in batches for k in b["key"]]
+    assert sorted(keys) == sorted(expected)
+    assert batches[0]["image"].shape[1:] == (3, 24, 24) and batches[0]["label"].dtype == torch.int64
+    assert sum(int(b["corrupt"]) for b in batches) == 0
+
+
+def test_too_few_shards_for_workers_and_ranks(shards):
+    with pytest.raises(ValueError, match="10 shards cannot feed 4 loader workers x 3 ranks"):
+        make_loader(str(shards / "{00000..00009}.tar"), batch_size=4, transform=key_label, num_workers=4,
+                    world_size=3, resampled=False)
+    with pytest.raises(ValueError, match="no shards match"):
+        make_loader([], batch_size=4, transform=key_label)
+
+
+def test_resampled_epochs_are_fixed_length_and_seeded(shards):
+    def keys_of(seed, epoch_number):
+        epoch = SharedEpoch(epoch_number)
+        loader = make_loader(str(shards / "{00000..00009}.tar"), batch_size=4, transform=key_label,
+                             num_workers=2, seed=seed, epoch=epoch, batches_per_epoch=5, shuffle_buffer=20)
+        batches = list(loader)
+        assert len(batches) == loader.num_batches == 6  # 5 rounded up to a multiple of 2 workers
+        return [k for b in batches for k in b["key"]]
+    assert keys_of(1, 0) == keys_of(1, 0)
+    assert keys_of(1, 0) != keys_of(1, 1)
+    assert keys_of(1, 0) != keys_of(2, 0)
+
+
+def test_weighted_sources(shards):
+    a = [str(shards / f"{i:05d}.tar") for i in range(5)]
+    b = [str(shards / f"{i:05d}.tar") for i in range(5, 10)]
+    source_of = {k: "a" for p in a for k in all_keys_of_tar(p)} | {k: "b" for p in b for k in all_keys_of_tar(p)}
+    loader = make_loader([a, b], weights=[0.8, 0.2], batch_size=10, transform=key_label, num_workers=0,
+                         batches_per_epoch=60, shuffle_buffer=1)
+    counts = Counter(source_of[k] for batch in loader for k in batch["key"])
+    assert counts["a"] / (counts["a"] + counts["b"]) == pytest.approx(0.8, abs=0.07)
+    with pytest.raises(ValueError, match="needs resampled=True"):
+        make_loader([a, b], batch_size=4, transform=key_label, resampled=False)
+
+
+def all_keys_of_tar(path):
+    with tarfile.open(path) as tar:
+        return {m.name.split(".")[0] for m in tar}
+
+
+def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
+    good = jpeg_bytes(photo_crop(1, 24))
+    meta = json.dumps({"label": 0}).encode()
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as w:
+        w.write({"__key__": "ok1", "jpg": good, "json": meta})
+        w.write({"__key__": "nojson", "jpg": good})
+        w.write({"__key__": "badjpg", "jpg": b"\xff\xd8 not really a jpeg", "json": meta})
+        w.write({"__key__": "ok2", "jpg": good, "json": meta})
+    with wds.TarWriter(str(tmp_path / "00001.tar")) as w:
+        for n in range(4):
+            w.write({"__key__": f"t{n}", "jpg": good, "json": meta})
+    data = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[: int(len(data) * 0.6)])  # truncated mid-member
+    loader = make_loader(str(tmp_path / "{00000..00001}.tar"), batch_size=1, transform=key_label,
+                         num_workers=0, resampled=False, drop_last=False)
+    batches = list(loader)
+    keys = [k for b in batches for k in b["key"]]
+    # the cut falls after t2.jpg: t0 and t1 survive, t2 lacks its json, the tar's end is unreadable
+    assert sorted(keys) == ["ok1", "ok2", "t0", "t1"]
+    # missing json (nojson, t2) + undecodable jpeg (badjpg) + the broken tar: counted, never fatal
+    assert sum(int(b["corrupt"]) for b in batches) == 4
+
+
+@pytest.mark.parametrize("mode", ["plain", "resampled"])
+def test_two_ranks_two_workers(shards, tmp_path, mode):
+    out = tmp_path / "keys.json"
+    run_torchrun(2, "tests.reader_worker", str(shards / "{00000..00009}.tar"), str(out), mode)
+    result = json.loads(out.read_text())
+    expected = sorted(all_keys(shards))
+    for epoch, per_rank in result["epochs"].items():
+        if mode == "plain":
+            assert sorted(per_rank[0] + per_rank[1]) == expected  # every sample exactly once per epoch
+            assert not set(per_rank[0]) & set(per_rank[1])
+        else:
+            assert len(per_rank[0]) == len(per_rank[1]) == 6 * 4  # the same fixed number of batches per rank
+            assert per_rank[0] != per_rank[1]
+    if mode == "plain":
+        assert result["epochs"]["0"][0] != result["epochs"]["1"][0]  # the shard order changes with the epoch
