@@ -1,4 +1,4 @@
-"""Command line: python -m data_tools {shard-folder, shard-emoset, crawl, verify} ..."""
+"""Command line: python -m data_tools {shard-folder, shard-emoset, crawl, idx-to-folder, verify} ..."""
 import argparse
 import json
 import logging
@@ -60,6 +60,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-bytes", type=int, default=20_000_000, help="refuse larger downloads")
     _image_args(p, min_shards=1)
 
+    p = sub.add_parser("idx-to-folder", help="MNIST-format IDX files -> class-folder tree (e.g. Fashion-MNIST)")
+    p.add_argument("images"), p.add_argument("labels")
+    p.add_argument("--out", required=True)
+    p.add_argument("--classes", nargs="*", help="class names by label index (default: Fashion-MNIST's if 10)")
+    p.add_argument("--per-class", type=int, default=0, help="first N images of each class (0: all)")
+
     p = sub.add_parser("verify", help="re-read every shard; check schema and stats; count classes")
     p.add_argument("root", help="a directory written by shard-folder, shard-emoset or crawl")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -90,6 +96,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             label_column=args.label_column, caption_column=args.caption_column,
                             url_map=args.url_map, options=_options(args))
             print(json.dumps(summary, indent=1))
+        elif args.command == "idx-to-folder":
+            from data_tools.idx import FASHION_MNIST_CLASSES, idx_to_folder
+            counts = idx_to_folder(args.images, args.labels, args.out, args.classes or FASHION_MNIST_CLASSES,
+                                   args.per_class)
+            print(json.dumps(counts))
         else:
             from data_tools.verify import format_report, verify
             report = verify(args.root)

@@ -1,0 +1,47 @@
+"""`idx-to-folder`: MNIST-format IDX files (MNIST, Fashion-MNIST, KMNIST) -> a class-folder tree of PNG images."""
+import gzip
+import struct
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle_boot")
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX array (gzip or plain): magic 0x0000 <type 0x08> <ndim>, big-endian dims, then uint8 data."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()})")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {body.size} values (truncated?)")
+    return body.reshape(dims)
+
+
+def idx_to_folder(images: str, labels: str, out: str, classes: Optional[Sequence[str]] = None,
+                  per_class: int = 0) -> Dict[str, int]:
+    """Write out/<class>/<index>.png for the first `per_class` images of each class (0: all)."""
+    x, y = read_idx(images), read_idx(labels)
+    if len(x) != len(y):
+        raise ValueError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels")
+    names = list(classes) if classes else [str(i) for i in range(int(y.max()) + 1)]
+    if int(y.max()) >= len(names):
+        raise ValueError(f"label {int(y.max())} has no class name (got {len(names)} names)")
+    counts = {name: 0 for name in names}
+    for index, (img, label) in enumerate(zip(x, y)):
+        name = names[int(label)]
+        if per_class and counts[name] >= per_class:
+            continue
+        folder = Path(out) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{index:05d}.png")
+        counts[name] += 1
+    return counts
