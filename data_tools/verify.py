@@ -1,7 +1,6 @@
 """`verify`: re-read every shard of a dataset directory, check schema and stats, count classes and splits."""
 import io
 import json
-import tarfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List
@@ -9,21 +8,7 @@ from typing import Any, Dict, List
 from PIL import Image
 
 from data_tools.schema import SchemaError, validate_record
-
-
-def _read_tar(path: Path) -> tuple:
-    """({key: {ext: bytes}}, error or None) — a truncated tar yields the members before the break."""
-    members: Dict[str, Dict[str, bytes]] = defaultdict(dict)
-    try:
-        with tarfile.open(path) as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                members[key][ext] = tar.extractfile(m).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        return members, f"{type(e).__name__}: {e}"
-    return members, None
+from data_tools.tars import read_tar
 
 
 def verify(root: str) -> Dict[str, Any]:
@@ -38,7 +23,7 @@ def verify(root: str) -> Dict[str, Any]:
         problems.append(f"{root_path}: no shards (*.tar)")
     for tar_path in tars:
         stats_file = tar_path.with_name(tar_path.stem + "_stats.json")
-        members, error = _read_tar(tar_path)
+        members, error = read_tar(tar_path)
         if error:
             problems.append(f"{tar_path}: unreadable tar ({error})")
         good = 0

@@ -1,4 +1,5 @@
 """Write samples into tar shards, one job per shard; `NNNNN_stats.json` marks a shard complete, reruns skip it."""
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,16 +52,29 @@ def shard_complete(task: ShardTask) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def atomic_tar(path: Path) -> Iterator[wds.TarWriter]:
+    """A TarWriter on a hidden partial file, flushed and renamed to `path` only when the block ends cleanly."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "wb") as stream:
+        writer = wds.TarWriter(stream)
+        yield writer
+        writer.close()  # closes `stream` too
+    with open(partial, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    fsync_dir(path.parent)
+
+
 def write_shard(task: ShardTask, make_sample: SampleMaker, threads: int = 0) -> Dict[str, Any]:
     """Write one shard to a hidden partial file, rename it into place, then write its stats (the marker)."""
     split_dir = Path(task.split_dir)
     tar = split_dir / shard_name(task.shard)
-    partial_tar = split_dir / f".{tar.name}.partial"
     stats: Dict[str, Any] = {"shard": tar.name, "split": task.split, "schema_version": SCHEMA_VERSION,
                              "plan": plan_digest(task), "samples": 0, "failed": 0, "failures": {}, "classes": {}}
     status_rows = []
-    with open(partial_tar, "wb") as stream:
-        writer = wds.TarWriter(stream)
+    with atomic_tar(tar) as writer:
         for index, (item, result) in enumerate(zip(task.items, _results(task.items, make_sample, threads))):
             key = sample_key(task.split, task.shard, index)
             if isinstance(result, Exception):  # every failure is counted with its reason, none stops the shard
@@ -79,11 +93,6 @@ def write_shard(task: ShardTask, make_sample: SampleMaker, threads: int = 0) -> 
             stats["classes"][name] = stats["classes"].get(name, 0) + 1
             status_rows.append({"key": key, "source": describe_item(item), "status": "ok", "reason": None,
                                 "error": None})
-        writer.close()  # closes `stream` too
-    with open(partial_tar, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(partial_tar, tar)
-    fsync_dir(split_dir)
     atomic_write_text(status_path(split_dir, task.shard), "".join(json.dumps(r) + "\n" for r in status_rows))
     atomic_write_json(stats_path(split_dir, task.shard), stats)  # last: the completion marker
     return stats

@@ -1,0 +1,118 @@
+"""The UniEmoX pretrainer: MAE on the scene, scene + person CLS projected and fused, distilled from CLIP."""
+import logging
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import open_clip
+import torch
+from torch import nn
+
+from pretrain.config import LossConfig, ModelConfig, TeacherConfig
+from pretrain.fusion import make_fusion
+from pretrain.losses import check_weights, combine
+from pretrain.mae import DECODER_PREFIXES, MaskedAutoencoderViT, get_arch, load_mae_checkpoint
+from pretrain.teacher import CLIPTeacher, resolve_arch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor                      # weighted total (fp32)
+    terms: Dict[str, torch.Tensor]          # each enabled term, unweighted
+    pred: Optional[torch.Tensor] = None     # scene reconstruction (N, L, p*p*3) when the mae term is on
+    mask: Optional[torch.Tensor] = None     # scene mask (N, L), 1 = masked
+
+
+def teacher_embed_dim(cfg: TeacherConfig) -> int:
+    """The teacher's embedding width from its open_clip config alone (no weights needed)."""
+    return int(open_clip.get_model_config(resolve_arch(cfg.arch))["embed_dim"])
+
+
+class UniEmoXPretrainer(nn.Module):
+    """Student (MAE encoder/decoder, projection, fusion) plus a frozen teacher it does not own.
+
+    The teacher is kept out of the module tree on purpose: it is not in `state_dict()`, `parameters()` or the
+    DDP wrapper, yet moves with `.to()`. With `teacher.cached`, the batch brings `clip_image`/`clip_text`
+    and no teacher is needed at all.
+    """
+
+    def __init__(self, model: ModelConfig, losses: LossConfig, teacher_cfg: TeacherConfig,
+                 teacher: Optional[CLIPTeacher] = None):
+        super().__init__()
+        self.weights = {"mae": losses.mae, "paired": losses.paired, "relational": losses.relational}
+        check_weights(self.weights)
+        self.mask_ratio = model.mask_ratio
+        self.cached_teacher = teacher_cfg.cached
+        self.distill = losses.paired > 0 or losses.relational > 0
+        if self.distill and not self.cached_teacher and teacher is None:
+            raise ValueError("distillation terms are on and teacher.cached is false: a CLIPTeacher is needed")
+        arch = get_arch(model.preset, img_size=model.img_size, patch_size=model.patch_size,
+                        embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
+                        decoder_embed_dim=model.decoder_embed_dim, decoder_depth=model.decoder_depth,
+                        decoder_num_heads=model.decoder_num_heads)
+        self.mae = MaskedAutoencoderViT(arch, norm_pix_loss=model.norm_pix_loss)
+        if model.mae_checkpoint:
+            load_mae_checkpoint(self.mae, model.mae_checkpoint)
+        dim = teacher.embed_dim if teacher is not None else teacher_embed_dim(teacher_cfg)
+        self.projection = model.projection
+        self.proj: Optional[nn.Module] = None
+        if model.projection == "decoder_embed":
+            if arch.decoder_embed_dim != dim:
+                raise ValueError(f"model.projection=decoder_embed needs the decoder width ({arch.decoder_embed_dim}) "
+                                 f"to equal the teacher's embedding width ({dim}); use model.projection=linear")
+        else:
+            self.proj = nn.Linear(arch.embed_dim, dim)
+        self.fusion = make_fusion(model.fusion, dim, model.fusion_heads)
+        self.__dict__["teacher"] = teacher  # not a submodule: see the class docstring
+        self._freeze_unused()
+
+    def _freeze_unused(self) -> None:
+        """Parameters no enabled term reaches get requires_grad=False (DDP would otherwise wait for them)."""
+        if self.weights["mae"] == 0:
+            for name, p in self.mae.named_parameters():
+                if name.startswith(DECODER_PREFIXES) and not (self.proj is None and name.startswith("decoder_embed.")):
+                    p.requires_grad_(False)
+        if not self.distill:
+            for p in self.fusion.parameters():
+                p.requires_grad_(False)
+            if self.proj is not None:
+                self.proj.requires_grad_(False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher._apply(fn, recurse)
+        return self
+
+    def project(self, cls: torch.Tensor) -> torch.Tensor:
+        """Encoder CLS -> teacher width: the decoder's input embedding (reference; official MAE weights load
+        unchanged) or a separate linear layer (model.projection=linear)."""
+        return self.mae.decoder_embed(cls) if self.proj is None else self.proj(cls)
+
+    @property
+    def uses_person(self) -> bool:
+        return self.distill and getattr(self.fusion, "uses_person", True)
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> StepOutput:
+        """batch: image (N,3,H,W, ImageNet-normalised), person (N,3,H,W), and text (token ids) or cached
+        clip_image / clip_text (N,E); optional noise ((2N or N), L) to reproduce the masking."""
+        image = batch["image"]
+        n = image.shape[0]
+        x = torch.cat([image, batch["person"]]) if self.uses_person else image  # both branches: one encoder pass
+        latent, mask, ids_restore = self.mae.forward_encoder(x, self.mask_ratio, batch.get("noise"))
+        outputs: Dict[str, torch.Tensor] = {}
+        pred = None
+        if self.weights["mae"] > 0:
+            pred = self.mae.forward_decoder(latent[:n], ids_restore[:n])
+            outputs["reconstruction"] = self.mae.reconstruction_loss(image, pred, mask[:n])
+        if self.distill:
+            projected = self.project(latent[:, 0])
+            outputs["student"] = self.fusion(projected[:n], projected[n:] if self.uses_person else None)
+            if self.cached_teacher:
+                outputs["clip_image"], outputs["clip_text"] = batch["clip_image"], batch["clip_text"]
+            else:
+                outputs["clip_image"] = self.teacher.encode_image(image)
+                outputs["clip_text"] = self.teacher.encode_text(batch["text"])
+        total, terms = combine(outputs, self.weights)
+        return StepOutput(total, terms, pred, mask[:n])

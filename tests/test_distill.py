@@ -1,0 +1,191 @@
+"""CLIP teacher, distillation losses and the pretrainer: formulas, frozen teacher, overfit, cached == live."""
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data_tools.folder import shard_folder
+from data_tools.samples import ImageOptions
+from data_tools.tars import read_tar
+from pretrain.cache_teacher import center_view, main as cache_main
+from pretrain.config import LossConfig, ModelConfig, TeacherConfig
+from pretrain.losses import paired_similarity, relational_similarity
+from pretrain.model import UniEmoXPretrainer
+from pretrain.teacher import CLIPTeacher, TeacherError
+
+from conftest import REPO
+from image_data import make_class_tree
+
+TINY_CLIP = str(REPO / "configs" / "teacher" / "tiny-clip.json")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return CLIPTeacher(TINY_CLIP, "random")
+
+
+def batch_for(teacher, n=4, seed=0, person=True):
+    g = torch.Generator().manual_seed(seed)
+    texts = [f"The overall emotion conveyed is {e}." for e in ["awe", "fear", "joy", "anger", "sadness"][:n]]
+    batch = {"image": torch.randn(n, 3, 32, 32, generator=g), "text": teacher.tokenize(texts),
+             "noise": torch.rand(2 * n if person else n, 16, generator=g)}
+    if person:
+        batch["person"] = torch.randn(n, 3, 32, 32, generator=g)
+    return batch
+
+
+def pretrainer(teacher, cached=False, fusion="sum_ln_elu", **weights):
+    losses = LossConfig(**{"mae": 1.0, "paired": 1.0, "relational": 1.0, **weights})
+    return UniEmoXPretrainer(ModelConfig(preset="tiny", fusion=fusion), losses,
+                             TeacherConfig(checkpoint="random", arch=TINY_CLIP, cached=cached),
+                             None if cached else teacher)
+
+
+def test_teacher_reloads_from_a_file_and_stays_frozen(teacher, tmp_path):
+    torch.save(teacher.model.state_dict(), tmp_path / "tiny_clip.pt")
+    again = CLIPTeacher(TINY_CLIP, str(tmp_path / "tiny_clip.pt"))
+    images, tokens = torch.randn(2, 3, 32, 32), teacher.tokenize(["a photo", "a scene"])
+    assert torch.equal(again.encode_image(images), teacher.encode_image(images))
+    assert torch.equal(again.encode_text(tokens), teacher.encode_text(tokens))
+    again.train()
+    assert not again.training and not again.model.training
+    assert not any(p.requires_grad for p in again.parameters())
+
+
+def test_hub_names_fail_fast_with_advice():
+    with pytest.raises(TeacherError, match="names a hub download; this system never downloads weights.*"
+                                           "teacher.checkpoint=/path/to/that/file"):
+        CLIPTeacher("ViT-B-16", "openai")
+    with pytest.raises(TeacherError, match="teacher checkpoint not found: /nowhere/clip.bin"):
+        CLIPTeacher("ViT-B-16", "/nowhere/clip.bin")
+    with pytest.raises(TeacherError, match="hf-hub"):
+        CLIPTeacher("hf-hub:timm/ViT-B-16-SigLIP", "random")
+
+
+def test_clip_normalisation_and_truncation(teacher):
+    pixels = torch.rand(2, 3, 32, 32)
+    imagenet = (pixels - teacher.in_mean) / teacher.in_std
+    expected = (pixels - torch.tensor(teacher.model.visual.image_mean).view(1, 3, 1, 1)) / \
+        torch.tensor(teacher.model.visual.image_std).view(1, 3, 1, 1)
+    assert torch.allclose(teacher.to_clip_input(imagenet), expected, atol=1e-5)
+    tokens = teacher.tokenize(["The main subjects are " + ", ".join(["dog"] * 200) + "."])
+    assert tokens.shape == (1, 32) and tokens[0, -1].item() == 49407  # truncated, ends with end-of-text
+
+
+def test_loss_formulas_on_hand_built_tensors():
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    v = torch.tensor([[1.0, 1.0], [0.0, 1.0], [-1.0, 1.0]])
+    cos = torch.tensor([2 ** -0.5, 1.0, 0.0])
+    assert paired_similarity(z, v).item() == pytest.approx(1 - cos.mean().item())
+    # with texts = the basis, A = z and C = v (row-normalised): L1 = 1 - mean cos(z_i, v_i) = L2
+    t = torch.eye(2)
+    assert relational_similarity(z, v, t).item() == pytest.approx(1 - cos.mean().item(), abs=1e-6)
+    # a general case against the formula written out, and invariance to the logit scale
+    torch.manual_seed(0)
+    z, v, t = torch.randn(5, 8), torch.randn(5, 8), torch.randn(5, 8)
+    zn, vn, tn = (F.normalize(x, dim=-1) for x in (z, v, t))
+    a, c = 100 * zn @ tn.T, 100 * vn @ tn.T
+    expected = 1 - ((a * c).sum(1) / (a.norm(dim=1) * c.norm(dim=1))).mean()
+    assert relational_similarity(z, v, t, scale=100.0).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert relational_similarity(z, v, t, scale=1.0).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert relational_similarity(v, v, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradients_reach_student_never_teacher(teacher):
+    torch.manual_seed(0)
+    model = pretrainer(teacher)
+    out = model(batch_for(teacher))
+    assert set(out.terms) == {"mae", "paired", "relational"}
+    assert out.loss.item() == pytest.approx(sum(v.item() for v in out.terms.values()), rel=1e-6)
+    out.loss.backward()
+    assert model.mae.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.mae.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fusion.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not any(k.startswith("teacher") for k in model.state_dict())  # not saved with the student
+
+
+@pytest.mark.parametrize("terms", [("mae",), ("paired",), ("relational",), ("mae", "paired", "relational")])
+def test_overfits_one_batch(teacher, terms):
+    torch.manual_seed(0)
+    weights = {k: (1.0 if k in terms else 0.0) for k in ("mae", "paired", "relational")}
+    model = pretrainer(teacher, **weights)
+    batch = batch_for(teacher, person="paired" in terms or "relational" in terms)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(20):
+        out = model(batch)
+        assert set(out.terms) == set(terms)  # a term with weight 0 is not computed
+        optim.zero_grad()
+        out.loss.backward()
+        optim.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    if terms == ("mae",):
+        assert all(p.grad is None for p in model.fusion.parameters())
+
+
+def test_cached_teacher_equals_live(teacher):
+    torch.manual_seed(0)
+    live = pretrainer(teacher)
+    cached = pretrainer(teacher, cached=True)
+    cached.load_state_dict(live.state_dict())
+    batch = batch_for(teacher)
+    cached_batch = {**batch, "clip_image": teacher.encode_image(batch["image"]),
+                    "clip_text": teacher.encode_text(batch["text"])}
+    del cached_batch["text"]
+    a, b = live(batch), cached(cached_batch)
+    for name in a.terms:
+        assert a.terms[name].item() == pytest.approx(b.terms[name].item(), rel=1e-6), name
+
+
+def test_scene_only_and_projection_choices(teacher):
+    model = pretrainer(teacher, fusion="scene_only")
+    batch = batch_for(teacher, person=False)
+    out = model(batch)  # no person crop needed, encoder runs on the scene only
+    assert set(out.terms) == {"mae", "paired", "relational"}
+    with pytest.raises(ValueError, match=r"decoder width \(48\) to equal the teacher's embedding width \(32\); "
+                                         r"use model.projection=linear"):
+        UniEmoXPretrainer(ModelConfig(preset="tiny", decoder_embed_dim=48), LossConfig(),
+                          TeacherConfig(checkpoint="random", arch=TINY_CLIP), teacher)
+    linear = UniEmoXPretrainer(ModelConfig(preset="tiny", decoder_embed_dim=48, projection="linear"),
+                               LossConfig(), TeacherConfig(checkpoint="random", arch=TINY_CLIP), teacher)
+    assert linear.proj.weight.shape == (32, 64) and linear(batch_for(teacher)).loss.isfinite()
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        pretrainer(teacher, mae=0.0, paired=0.0, relational=0.0)
+
+
+def test_cache_teacher_command(teacher, tmp_path):
+    make_class_tree(tmp_path / "src", ["a", "b"], per_class=6, size=40)
+    shard_folder("toy", str(tmp_path / "src"), str(tmp_path / "shards"), generic=True, ratios=(1.0, 0.0, 0.0),
+                 shard_size=5, min_shards=1, options=ImageOptions(detector="none"))
+    torch.save(teacher.model.state_dict(), tmp_path / "clip.pt")
+    args = ["--shards", str(tmp_path / "shards" / "train" / "{00000..00002}.tar"), "--teacher-arch", TINY_CLIP,
+            "--teacher-checkpoint", str(tmp_path / "clip.pt"), "--out", str(tmp_path / "cache"), "--batch-size", "4",
+            "--dtype", "float32"]
+    assert cache_main(args) == 0
+    view = center_view(32)
+    for shard in range(3):
+        source, _ = read_tar(tmp_path / "shards" / "train" / f"{shard:05d}.tar")
+        cache, error = read_tar(tmp_path / "cache" / f"{shard:05d}.tar")
+        assert error is None and set(cache) == set(source)
+        for key, files in source.items():
+            record = json.loads(files["json"])
+            image = view(Image.open(io.BytesIO(files["jpg"])).convert("RGB"))[None]
+            v = np.load(io.BytesIO(cache[key]["clip_image.npy"]))
+            t = np.load(io.BytesIO(cache[key]["clip_text.npy"]))
+            assert np.allclose(v, teacher.encode_image(image)[0].numpy(), atol=1e-5)
+            assert np.allclose(t, teacher.encode_text(teacher.tokenize([record["text"]]))[0].numpy(), atol=1e-5)
+    stats = json.loads((tmp_path / "cache" / "00000_stats.json").read_text())
+    assert stats["samples"] == 4 and stats["dim"] == 32  # 12 images dealt evenly into 3 shards
+    before = os.stat(tmp_path / "cache" / "00001.tar").st_mtime_ns
+    os.unlink(tmp_path / "cache" / "00002_stats.json")
+    assert cache_main(args) == 0  # resumable per shard: only the shard without its marker is redone
+    assert os.stat(tmp_path / "cache" / "00001.tar").st_mtime_ns == before
+    assert (tmp_path / "cache" / "00002_stats.json").is_file()
