@@ -84,7 +84,7 @@ class ShardList(IterableDataset):
     """
 
     def __init__(self, sources: Sequence[Sequence[str]], weights: Optional[Sequence[float]], resampled: bool,
-                 seed: int, epoch: SharedEpoch, rank: int, world_size: int):
+                 seed: int, epoch: SharedEpoch, rank: int, world_size: int, segment: int = 0):
         self.urls: List[str] = []
         self.url_weights: List[float] = []
         weights = weights or [1.0] * len(sources)
@@ -97,12 +97,13 @@ class ShardList(IterableDataset):
             self.url_weights += [weight / len(urls)] * len(urls)  # a source's weight shared by its shards
         self.resampled, self.seed, self.epoch = resampled, seed, epoch
         self.rank, self.world_size = rank, world_size
+        self.segment = segment  # a run resumed part-way through an epoch reads a new, seeded stream
 
     def __iter__(self) -> Iterator[Dict[str, str]]:
         epoch = self.epoch.get()
         worker, n_workers = _worker()
         if self.resampled:
-            rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
+            rng = random.Random(f"{self.seed}/{epoch}/{self.segment}/{self.rank}/{worker}")
             while True:
                 yield {"url": rng.choices(self.urls, weights=self.url_weights)[0]}
         urls = list(self.urls)
@@ -111,15 +112,41 @@ class ShardList(IterableDataset):
             yield {"url": url}
 
 
-def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int):
+def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int, segment: int = 0):
     """Shuffle buffer over raw samples (before decoding) with a seed from (seed, epoch, rank, worker)."""
     def stage(src: Iterable[Dict[str, Any]]):
         if bufsize <= 1:
             yield from src
             return
         worker, _ = _worker()
-        rng = random.Random(f"{seed}/{epoch.get()}/{rank}/{worker}/shuffle")
+        rng = random.Random(f"{seed}/{epoch.get()}/{segment}/{rank}/{worker}/shuffle")
         yield from _shuffle(src, bufsize=bufsize, initial=min(bufsize, 100), rng=rng)
+    return stage
+
+
+def attach_sidecar(sidecar_dir: str):
+    """Add the arrays of a sidecar shard (same file name in `sidecar_dir`, same keys: e.g. the teacher cache's
+    `clip_image.npy`, `clip_text.npy`) to each sample; a sample without its sidecar entry is counted and dropped."""
+    import numpy as np
+    from pathlib import Path
+    from data_tools.tars import read_tar
+
+    def stage(src: Iterable[Dict[str, Any]]):
+        current, arrays = None, {}
+        for sample in src:
+            url = sample.get("__url__")
+            if url != current:
+                current = url
+                members, error = read_tar(Path(sidecar_dir) / Path(url).name)
+                if error:
+                    COUNTER.add("bad_sidecar", f"{sidecar_dir}/{Path(url).name}: {error}")
+                arrays = {k: {ext: np.load(io.BytesIO(b)) for ext, b in v.items()} for k, v in members.items()}
+            extra = arrays.get(sample["__key__"])
+            if extra is None:
+                COUNTER.add("missing_sidecar", f"{url}:{sample['__key__']} not in {sidecar_dir}")
+                continue
+            sample["sidecar"] = extra
+            yield sample
     return stage
 
 
@@ -149,7 +176,10 @@ def decode_samples(image_format: str = "pil"):
             except Exception as e:  # any undecodable member is a corrupt sample, never a crash
                 COUNTER.add("corrupt_sample", f"{where}: {type(e).__name__}: {e}")
                 continue
-            yield {"__key__": sample["__key__"], "__url__": sample.get("__url__"), "image": image, "meta": meta}
+            out = {"__key__": sample["__key__"], "__url__": sample.get("__url__"), "image": image, "meta": meta}
+            if "sidecar" in sample:
+                out["sidecar"] = sample["sidecar"]
+            yield out
     return stage
 
 
@@ -191,14 +221,25 @@ def batch_with_counts(batch_size: int, partial: bool):
     return stage
 
 
+def leave_stop_signals_to_main(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGUSR1: at preemption Slurm signals every process of the job, and the
+    training process must be able to read its next batch, checkpoint and exit by itself."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, batch_size: int,
                 transform: Callable[[Dict[str, Any]], Dict[str, Any]], num_workers: int = 2, seed: int = 0,
                 epoch: Optional[SharedEpoch] = None, rank: int = 0, world_size: int = 1, resampled: bool = True,
                 batches_per_epoch: Optional[int] = None, weights: Optional[Sequence[float]] = None,
-                shuffle_buffer: int = 1000, image_format: str = "pil", drop_last: bool = True) -> DataLoader:
+                shuffle_buffer: int = 1000, image_format: str = "pil", drop_last: bool = True,
+                sidecar_dir: Optional[str] = None, segment: int = 0) -> DataLoader:
     """A DataLoader over shards. `urls`: a brace pattern, a list of shards, or a list of sources (lists) to mix
     by `weights` (resampled only). `batches_per_epoch`: batches each rank gets per epoch (rounded up to a
-    multiple of num_workers; the loader's `num_batches` says how many) — required when resampled."""
+    multiple of num_workers; the loader's `num_batches` says how many) — required when resampled.
+    `sidecar_dir`: a directory of sidecar shards merged by key (sample["sidecar"]). `segment`: for a run resumed
+    part-way through an epoch, a different seeded stream for the rest of that epoch."""
     if isinstance(urls, str) or (urls and isinstance(urls[0], str)):
         sources = [expand_urls(urls)]
     else:
@@ -216,21 +257,20 @@ def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, bat
     if resampled and not batches_per_epoch:
         raise ValueError("resampled shards are endless: give batches_per_epoch")
     epoch = epoch or SharedEpoch()
-    pipeline = wds.DataPipeline(
-        ShardList(sources, weights, resampled, seed, epoch, rank, world_size),
-        wds.tarfile_to_samples(handler=_count_tar_error),
-        seeded_shuffle(shuffle_buffer, seed, epoch, rank),
-        decode_samples(image_format),
-        wds.map(transform),
-        batch_with_counts(batch_size, partial=not drop_last),
-    )
+    stages = [ShardList(sources, weights, resampled, seed, epoch, rank, world_size, segment),
+              wds.tarfile_to_samples(handler=_count_tar_error)]
+    if sidecar_dir:
+        stages.append(attach_sidecar(sidecar_dir))
+    stages += [seeded_shuffle(shuffle_buffer, seed, epoch, rank, segment), decode_samples(image_format),
+               wds.map(transform), batch_with_counts(batch_size, partial=not drop_last)]
+    pipeline = wds.DataPipeline(*stages)
     num_batches = None
     if batches_per_epoch:
         per_worker = math.ceil(batches_per_epoch / workers)
         pipeline = pipeline.with_epoch(per_worker)
         num_batches = per_worker * workers
     loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=leave_stop_signals_to_main)
     loader.num_batches = num_batches
     loader.epoch = epoch
     loader.num_shards = n_shards

@@ -1,8 +1,8 @@
-"""Config sections of the pretraining job: model, teacher, loss weights (the engine adds data and run sections)."""
-from dataclasses import dataclass
-from typing import Literal, Optional
+"""The pretraining job's config: model, teacher, loss weights, data, training loop (plus run and optim from runtime)."""
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional, Tuple
 
-from runtime.config import must_exist
+from runtime.config import OptimConfig, RunConfig, must_exist
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ModelConfig:
     fusion: str = "sum_ln_elu"
     fusion_heads: int = 3
     mae_checkpoint: Optional[str] = must_exist(None)   # official mae_pretrain_* / mae_visualize_* file
+    init_from: Optional[str] = must_exist(None)        # weights of one of our checkpoints (fresh optimizer)
 
 
 @dataclass
@@ -36,3 +37,50 @@ class LossConfig:
     mae: float = 1.0                        # L3, masked-patch reconstruction
     paired: float = 1.0                     # L2, student vs CLIP image embedding
     relational: float = 1.0                 # L1, similarity profile over the batch's texts
+
+
+@dataclass
+class DataConfig:
+    train: List[str]                        # required: shard files or brace patterns; several sources are mixed
+    weights: Optional[List[float]] = None   # one per source (resampled only)
+    teacher_cache: Optional[str] = None     # sidecar shards from pretrain.cache_teacher (teacher.cached=true)
+    batch_size: int = 64                    # per rank and micro-step
+    num_workers: int = 4
+    shuffle_buffer: int = 2000
+    resampled: bool = True                  # draw shards with replacement (fixed steps per epoch on every rank)
+    samples_per_epoch: Optional[int] = None # default: the shards' sizes.json totals
+    crop_scale: Tuple[float, float] = (0.2, 1.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 100
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed_config: Optional[str] = must_exist(None)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
+    max_nonfinite: int = 3                  # consecutive skipped steps (non-finite loss) before the run stops
+    image_every: int = 500                  # steps between reconstruction images in TensorBoard (0: never)
+    peak_tflops: Optional[float] = None     # per device, for MFU; known GPUs are looked up, CPU needs a value
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests and drills; all off by default."""
+    nan_steps: List[int] = field(default_factory=list)   # the loss becomes NaN at these steps ...
+    nan_rank: int = 0                                      # ... on this rank
+    crash_step: Optional[int] = None                       # this rank raises at this step
+    crash_rank: int = 1
+    step_sleep_s: float = 0.0                              # slows every step (to interrupt runs on purpose)
+
+
+@dataclass
+class PretrainConfig:
+    run: RunConfig
+    teacher: TeacherConfig
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(blr=1.5e-4, weight_decay=0.05,
+                                                                   betas=(0.9, 0.95), warmup_epochs=40))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)

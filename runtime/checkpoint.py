@@ -4,7 +4,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -92,9 +92,14 @@ class CheckpointStore:
         self.prune()
         return final
 
-    def save(self, step: int, state: Dict[str, Any]) -> Optional[Path]:
-        """Save a torch state dict as step's checkpoint. Called on every rank; rank 0 writes."""
+    def save(self, step: int, state: Dict[str, Any],
+             write_shards: Optional[Callable[[Path], None]] = None) -> Optional[Path]:
+        """Save step's checkpoint. Called on every rank: `write_shards(dir)` (if given) runs on every rank first
+        (DeepSpeed's per-rank files), then rank 0 writes `state` as state.pt and commits."""
         partial = self.partial_dir(step)
+        if write_shards is not None:
+            write_shards(partial)
+            distributed.barrier()
         final = None
         if distributed.is_main():
             state = {"schema_version": SCHEMA_VERSION, **state}

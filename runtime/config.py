@@ -118,7 +118,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise fail(f"a mapping of {tp.__name__} keys")
         return _build(tp, value, source, prefix=key + ".")
     if isinstance(value, _Override) and tp is not str:
-        value = yaml.safe_load(value) if value.strip() else value
+        value = _parse_override(value, key, source)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -169,6 +169,31 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         val_tp = args[1] if args else Any
         return {str(k): _coerce(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
     raise ConfigError(f"{source}: key '{key}' has an unsupported schema type {_type_name(tp)}")
+
+
+def _split_list(text: str) -> List[str]:
+    """'[a/{0..9}.tar, b.tar]' -> ['a/{0..9}.tar', 'b.tar']: commas inside braces belong to the item."""
+    items, depth, current = [], 0, ""
+    for ch in text.strip()[1:-1]:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    return items + ([current.strip()] if current.strip() else [])
+
+
+def _parse_override(value: str, key: str, source: str) -> Any:
+    if not value.strip():
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        if value.strip().startswith("[") and value.strip().endswith("]"):
+            return _split_list(value)  # brace patterns (shards/{00000..00009}.tar) are not valid YAML flow
+        raise ConfigError(f"{source}: key '{key}': cannot read {value!r} as a value") from None
 
 
 def _build(schema: Type[T], raw: Dict[str, Any], source: str, prefix: str = "") -> T:

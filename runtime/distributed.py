@@ -99,16 +99,27 @@ def default_device(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600) -> DistEnv:
-    """Start the process group (nccl on GPU, gloo on CPU) for the resolved environment; no-op for one process."""
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600, always: bool = False) -> DistEnv:
+    """Start the process group (nccl on GPU, gloo on CPU) for the resolved environment. One process gets none
+    unless `always` (DeepSpeed wants a group even then: a world of one on a free loopback port)."""
     env = env or resolve_env()
-    if env.world_size == 1 or dist.is_initialized():
+    if dist.is_initialized() or (env.world_size == 1 and not always):
         return env
+    if env.world_size == 1 and env.launcher == "single":
+        env = DistEnv(0, 0, 1, "127.0.0.1", free_port(), "single")
     device = default_device(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
+                      LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size))
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     log.info("process group up: %s, world size %d, launcher %s", backend, env.world_size, env.launcher)
@@ -163,6 +174,16 @@ def all_gather_object(obj: Any) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def param_checksums(module: torch.nn.Module) -> list:
+    """Every rank's SHA-256 of its parameters and buffers (a collective): equal entries mean ranks in sync."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return all_gather_object(h.hexdigest())
 
 
 class _RankFilter(logging.Filter):

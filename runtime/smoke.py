@@ -6,7 +6,6 @@ Run it on a new cluster before a long job: it proves the rendezvous, gradient al
 resume from `latest` and event files work there. It ends by checking every rank holds identical weights and
 writes `smoke_result.json` into the run directory.
 """
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -49,14 +48,6 @@ def make_batch(cfg: SmokeConfig, step: int, rank: int, micro: int) -> Tuple[torc
     target = torch.Generator().manual_seed(cfg.run.seed + 12345)
     w = torch.randn(cfg.dim, cfg.dim, generator=target) / cfg.dim ** 0.5
     return x, torch.tanh(x @ w)
-
-
-def param_checksum(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def train(cfg: SmokeConfig) -> Dict[str, object]:
@@ -116,7 +107,7 @@ def train(cfg: SmokeConfig) -> Dict[str, object]:
             time.sleep(cfg.step_sleep_s)
     logger.close()
 
-    checksums = distributed.all_gather_object(param_checksum(strategy.module))
+    checksums = distributed.param_checksums(strategy.module)
     result = {"final_step": max(start_step, cfg.steps), "resumed_from_step": start_step,
               "world_size": env.world_size, "param_checksums": checksums,
               "ranks_in_sync": len(set(checksums)) == 1, "windows": windows}

@@ -123,3 +123,12 @@ def test_parse_cli_and_run_metadata(tmp_path):
     on_disk = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert on_disk["world_size"] == 2 and on_disk["packages"]["torch"].startswith("2.")
     assert len(meta["git_sha"].split("+")[0]) in (40, len("unknown"))
+
+
+def test_brace_patterns_in_list_overrides(tmp_path):
+    cfg = load_config(Schema, write(tmp_path, BASE), ["data.train=[shards/{00000..00009}.tar, web/{0,1}.tar]"])
+    assert cfg.data.train == ["shards/{00000..00009}.tar", "web/{0,1}.tar"]
+    cfg = load_config(Schema, write(tmp_path, BASE), ["data.train=shards/{00000..00009}.tar"])
+    assert cfg.data.train == ["shards/{00000..00009}.tar"]
+    with pytest.raises(ConfigError, match=r"key 'data.batch_size': cannot read '\{1: \[' as a value"):
+        load_config(Schema, write(tmp_path, BASE), ["data.batch_size={1: ["])

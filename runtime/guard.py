@@ -1,0 +1,59 @@
+"""Per-step agreement across ranks: skip a step whose loss is not finite on any rank, stop after k in a row,
+and stop cleanly (checkpoint, exit for requeue) when any rank was asked to by SIGTERM or SIGUSR1."""
+import logging
+import signal
+from typing import Optional
+
+import torch
+
+from runtime import distributed
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss; the last good checkpoint is kept."""
+
+
+class StepGuard:
+    """One all-reduce of two flags per step (the only per-step host sync of a training loop): every rank then
+    takes the same decision, so no collective is left waiting on a rank that skipped or stopped."""
+
+    def __init__(self, max_consecutive_nonfinite: int = 3, device: Optional[torch.device] = None,
+                 handle_signals: bool = True):
+        self.max_consecutive = max_consecutive_nonfinite
+        self.device = device or torch.device("cpu")
+        self.consecutive = 0
+        self.skipped_total = 0
+        self.stop_requested = False
+        self.signal_name: Optional[str] = None
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def check(self, loss: torch.Tensor, step: int) -> tuple:
+        """(skip this step's update, stop after it) — identical on every rank."""
+        flags = torch.stack([(~torch.isfinite(loss.detach())).any().float(),
+                             torch.tensor(float(self.stop_requested), device=loss.device)]).to(self.device)
+        nonfinite_ranks, stop = distributed.all_reduce_sum(flags).tolist()
+        skip = nonfinite_ranks > 0
+        if skip:
+            bad = distributed.all_gather_object(bool(not torch.isfinite(loss.detach()).all()))
+            ranks = [r for r, b in enumerate(bad) if b]
+            self.consecutive += 1
+            self.skipped_total += 1
+            log.warning("step %d: non-finite loss on rank(s) %s; update skipped (%d in a row, limit %d)",
+                        step, ranks, self.consecutive, self.max_consecutive)
+            if self.consecutive >= self.max_consecutive:
+                raise NonFiniteLossError(f"{self.consecutive} consecutive steps with a non-finite loss (last at "
+                                         f"step {step}, ranks {ranks}); stopping with the last good checkpoint")
+        else:
+            self.consecutive = 0
+        if stop > 0 and not self.stop_requested:
+            self.stop_requested = True
+            self.signal_name = self.signal_name or "a signal on another rank"
+        return skip, stop > 0
