@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 FMNIST   := /usr/share/datasets/fashion-mnist
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS     := dataset-fashion-mnist
+DEBS     := dataset-fashion-mnist slurmctld slurmd slurm-client munge
 # No hub downloads at run time; Ray stays on loopback (see README, "Offline and loopback").
 export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
@@ -17,7 +17,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 venv: $(STAMP)
 
-# Debian packages the demo and tests use (real labelled images: Fashion-MNIST).
+# Debian packages the demo and tests use: real labelled images (Fashion-MNIST), a real Slurm for the launch tests.
 debs:
 	@dpkg -s $(DEBS) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null; }
@@ -40,11 +40,12 @@ demo: $(STAMP) debs
 	$(PY) -m data_tools shard-folder fashion $(DEMO_DIR)/fashion_src --generic --out $(DEMO_DIR)/shards/fashion \
 		--shard-size 250 --min-shards 4
 	$(PY) -m data_tools verify $(DEMO_DIR)/shards/fashion
-	@echo "== 2. runtime check: 2-process DDP on CPU (gloo), checkpoints every 10 steps, TensorBoard"
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m runtime.smoke \
-		--config configs/smoke.yaml run.output_dir=$(DEMO_DIR)/smoke
+	@echo "== 2. pretraining: tiny MAE ViT + random tiny CLIP teacher, 2 processes (DDP, gloo), 6 epochs"
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 pretrain/main.py \
+		--config configs/pretrain/tiny.yaml "data.train=[$(DEMO_DIR)/shards/fashion/train/{00000..00009}.tar]" \
+		run.output_dir=$(DEMO_DIR)/pretrain train.epochs=6 optim.blr=1e-3 run.ckpt_every=100 train.image_every=100
 	@echo "== done: shards in $(DEMO_DIR)/shards/fashion (info.json, splits/, train/ val/ test/)"
-	@echo "   run directory $(DEMO_DIR)/smoke (config.yaml, meta.json, checkpoints/, tb/)"
+	@echo "   pretraining run $(DEMO_DIR)/pretrain (config.yaml, meta.json, checkpoints/, tb/, weights.safetensors)"
 	@echo "   view it with: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR) --host 127.0.0.1"
 
 clean:

@@ -59,7 +59,8 @@ def _check_rank(rank: int, local_rank: int, world_size: int, launcher: str) -> N
 
 
 def resolve_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
-    """Who am I? torchrun's variables win (torchrun inside a Slurm allocation), then srun's, else one process.
+    """Who am I? torchrun's variables win (torchrun inside a Slurm allocation), then an srun step's, else one
+    process (also a program run directly in an sbatch script).
 
     A launcher whose variables are only partly set is an error naming the missing ones, never a silent fallback
     to a single process (which would leave the other ranks waiting at the rendezvous).
@@ -76,7 +77,8 @@ def resolve_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
         _check_rank(rank, local_rank, world, "torchrun")
         return DistEnv(rank, local_rank, world, environ["MASTER_ADDR"],
                        _int_var(environ, "MASTER_PORT", "torchrun"), "torchrun")
-    if "SLURM_PROCID" in environ:
+    # SLURM_PROCID alone is also set in the batch script itself (one process, no srun step): ranks come from steps
+    if "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
         missing = [v for v in SLURM_VARS if v not in environ]
         if missing:
             raise DistEnvError(f"half-set Slurm environment: SLURM_PROCID set but {', '.join(missing)} missing "

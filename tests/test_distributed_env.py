@@ -5,7 +5,7 @@ from runtime.distributed import DistEnvError, first_host, resolve_env
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}
 SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[007-010,12]",
-         "SLURM_JOB_ID": "123456"}
+         "SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "0"}
 
 
 def test_single_process():
@@ -32,6 +32,12 @@ def test_slurm():
     # an explicit MASTER_ADDR/PORT (exported by the job script) is used as is, and is not a half-set torchrun env
     env = resolve_env({**SLURM, "MASTER_ADDR": "head", "MASTER_PORT": "1234"})
     assert (env.master_addr, env.master_port, env.launcher) == ("head", 1234, "slurm")
+
+
+def test_sbatch_script_itself_is_one_process():
+    # the batch step sets SLURM_PROCID/SLURM_LOCALID but is no srun step (no SLURM_STEP_ID, maybe no SLURM_NTASKS)
+    env = resolve_env({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "7"})
+    assert env.launcher == "single" and env.world_size == 1
 
 
 @pytest.mark.parametrize("nodelist,host", [("node1", "node1"), ("a[01-04]", "a01"), ("gpu[3,5-9],cpu1", "gpu3"),
