@@ -1,0 +1,116 @@
+"""Pretraining step throughput (img/s): tiny and ViT-B/16 students, live vs cached teacher, 1 vs 2 processes.
+
+    python bench/pretrain_throughput.py [--presets tiny vit_b16] [--procs 1 2] [--out bench/results/pretrain.json]
+
+Each configuration runs under torchrun (DDP, gloo on CPU / NCCL on GPU) on synthetic batches of the model's input
+size, so the figure is the model step alone (forward of both branches, teacher, losses, backward, AdamW step);
+data loading is measured by bench/loader.py. Teachers have random weights of the real architecture (tiny-clip for
+the tiny student, open_clip ViT-B-16 for ViT-B/16). Reported: median img/s over the timed steps, all ranks.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SETTINGS = {  # preset -> (teacher arch, batch per rank, timed steps)
+    "tiny": ("configs/teacher/tiny-clip.json", 32, 30),
+    "vit_b16": ("ViT-B-16", 4, 3),
+    "vit_l16": ("ViT-B-16", 2, 2),
+}
+
+
+def worker(preset: str, cached: bool, batch: int, steps: int, out: str) -> None:
+    import torch
+    from pretrain.config import LossConfig, ModelConfig, TeacherConfig
+    from pretrain.model import UniEmoXPretrainer
+    from pretrain.teacher import CLIPTeacher
+    from runtime import distributed
+    from runtime.precision import autocast, resolve_precision
+    from runtime.strategy import DDPStrategy
+
+    env = distributed.init_distributed(distributed.resolve_env())
+    device = distributed.default_device(env)
+    precision = resolve_precision("auto", device)
+    arch, _, _ = SETTINGS[preset]
+    torch.manual_seed(0)
+    teacher = CLIPTeacher(arch, "random").to(device)
+    tcfg = TeacherConfig(checkpoint="random", arch=arch, cached=cached)
+    model = UniEmoXPretrainer(ModelConfig(preset=preset), LossConfig(), tcfg, None if cached else teacher)
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+    strategy = DDPStrategy(model, optim, device)
+    size = model.mae.arch.img_size
+    batch_data = {"image": torch.randn(batch, 3, size, size, device=device),
+                  "person": torch.randn(batch, 3, size, size, device=device),
+                  "text": teacher.tokenize(["The overall emotion conveyed is awe."] * batch).to(device)}
+    if cached:
+        batch_data["clip_image"] = torch.nn.functional.normalize(torch.randn(batch, teacher.embed_dim), dim=-1).to(device)
+        batch_data["clip_text"] = torch.nn.functional.normalize(torch.randn(batch, teacher.embed_dim), dim=-1).to(device)
+    times = []
+    for i in range(steps + 1):  # the first step warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast(precision, device):
+            step_out = strategy.model(batch_data)
+        strategy.backward(step_out.loss)
+        strategy.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    per_rank = [batch / t for t in times]
+    gathered = distributed.all_gather_object(statistics.median(per_rank))
+    if env.is_main:
+        Path(out).write_text(json.dumps({"img_per_s": sum(gathered), "per_rank": gathered,
+                                         "step_s_median": statistics.median(times), "device": str(device),
+                                         "precision": precision, "threads": torch.get_num_threads()}))
+    distributed.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "vit_b16"])
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--teachers", nargs="+", default=["live", "cached"])
+    parser.add_argument("--out", default="bench/results/pretrain_throughput.json")
+    parser.add_argument("--worker", nargs=5, metavar=("PRESET", "CACHED", "BATCH", "STEPS", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        preset, cached, batch, steps, out = args.worker
+        worker(preset, cached == "1", int(batch), int(steps), out)
+        return
+    rows = []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cores = os.cpu_count() or 1
+    for preset in args.presets:
+        _, batch, steps = SETTINGS[preset]
+        for teacher in args.teachers:
+            for nproc in args.procs:
+                with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           __file__, "--worker", preset, "1" if teacher == "cached" else "0", str(batch), str(steps),
+                           tmp.name]
+                    run_env = {**env, "OMP_NUM_THREADS": str(max(1, cores // nproc))}  # same cores in both cases
+                    subprocess.run(cmd, check=True, env=run_env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+                    row = {"preset": preset, "teacher": teacher, "procs": nproc, "batch_per_rank": batch,
+                           **json.loads(Path(tmp.name).read_text())}
+                rows.append(row)
+                print(f"{preset:8s} {teacher:6s} {nproc} proc: {row['img_per_s']:.2f} img/s "
+                      f"({row['step_s_median']:.3f} s/step, {row['threads']} threads/rank, {row['device']})", flush=True)
+    result = {"bench": "pretrain_throughput", "rows": rows, "cores": cores, "command": " ".join(sys.argv)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
