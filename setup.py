@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "pyyaml",
     "tqdm",
     "requests",
+    "matplotlib",  # sweep plots and confusion matrices
 ]
 
 setup(

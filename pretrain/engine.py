@@ -1,10 +1,9 @@
 """The pretraining loop: data, strategy step with accumulation, NaN policy, checkpoints and resume, metrics."""
 import logging
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 from safetensors.torch import save_file
@@ -18,30 +17,20 @@ from pretrain.teacher import CLIPTeacher
 from pretrain.visualize import reconstruction_grid
 from runtime import distributed
 from runtime.atomic import atomic_write_json
-from runtime.checkpoint import CheckpointStore, decide_resume, load_checkpoint, load_model_state
-from runtime.config import config_to_dict, config_to_yaml, scaled_lr, write_run_metadata
+from runtime.checkpoint import CheckpointStore, load_checkpoint, load_model_state
+from runtime.config import config_to_yaml, scaled_lr
 from runtime.flops import device_peak_tflops, training_step_flops
 from runtime.guard import StepGuard
 from runtime.metric_logger import MetricLogger
 from runtime.precision import autocast, resolve_precision
 from runtime.schedule import warmup_cosine_lr
-from runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
+from runtime.loop import optimizer_step, prepare_run, resume_run, save_run
+from runtime.seeding import seed_everything
 from runtime.strategy import make_strategy
 
 log = logging.getLogger("pretrain")
 NO_WEIGHT_DECAY = ("mae.cls_token", "mae.mask_token", "mae.pos_embed", "mae.decoder_pos_embed")
 EXIT_STOPPED = 0  # a run stopped by SIGTERM/SIGUSR1 after its checkpoint: the launcher requeues it
-
-
-def to_device(batch: Dict[str, Any], device: torch.device, float_dtype: Optional[torch.dtype] = None):
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            v = v.to(device, non_blocking=True)
-            if float_dtype is not None and v.is_floating_point():
-                v = v.to(float_dtype)
-        out[k] = v
-    return out
 
 
 def export_weights(model: UniEmoXPretrainer, path: Path, step: int) -> None:
@@ -98,32 +87,18 @@ class Pretraining:
 
     def resume(self) -> int:
         """Restore the latest checkpoint (rank 0 decides, all follow); returns the step to continue after."""
-        if self.env.is_main:
-            self.store.clean_partials()
-            write_run_metadata(self.run_dir, self.cfg, world_size=self.env.world_size, launcher=self.env.launcher,
-                               steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-                               restart_count=os.environ.get("SLURM_RESTART_COUNT", "0"))
-        distributed.barrier()
-        path = decide_resume(self.cfg.run.resume, self.store)
-        if path is None:
-            return 0
-        state = self.strategy.load_checkpoint(path)
-        rng = state.get("rng") or []
-        if len(rng) == self.env.world_size:
-            restore_rng_state(rng[self.env.rank])
-        log.info("resumed from %s at step %d (epoch %.2f, %d samples seen)", path, state["step"], state["epoch"],
-                 state["samples_seen"])
-        return int(state["step"])
+        prepare_run(self.run_dir, self.store, self.cfg, self.env, steps_per_epoch=self.steps_per_epoch,
+                    total_steps=self.total_steps)
+        state = resume_run(self.cfg.run.resume, self.store, self.strategy, self.env)
+        return int(state["step"]) if state else 0
 
     def save(self, step: int) -> None:
-        rng = distributed.all_gather_object(capture_rng_state())
         epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        self.strategy.save_checkpoint(self.store, step, {
-            "step": step, "epoch": step / self.steps_per_epoch, "samples_seen": step * self.samples_per_step,
+        save_run(self.store, self.strategy, step, self.cfg, {
+            "epoch": step / self.steps_per_epoch, "samples_seen": step * self.samples_per_step,
             "data": {"seed": self.cfg.run.seed, "epoch": epoch, "step_in_epoch": in_epoch},
             "scheduler": {"name": "warmup_cosine", "steps_per_epoch": self.steps_per_epoch,
-                          "total_steps": self.total_steps},
-            "scaler": None, "rng": rng, "config": config_to_dict(self.cfg)})
+                          "total_steps": self.total_steps}})
 
     def batches(self, start_step: int):
         """Micro-batches from start_step on, epoch by epoch; each rank gets the same number."""
@@ -157,6 +132,15 @@ class Pretraining:
             teacher.encode_image(batch["image"]), teacher.encode_text(batch["text"])
         return training_step_flops(student, frozen if teacher is not None else None)
 
+    def inject_faults(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """debug.* test hooks: a NaN loss or a crash on one rank at a given step."""
+        debug = self.cfg.debug
+        if step in debug.nan_steps and self.env.rank == debug.nan_rank:
+            loss = loss * float("nan")
+        if debug.crash_step == step and self.env.rank == debug.crash_rank:
+            raise RuntimeError(f"debug.crash_step: rank {self.env.rank} crashes at step {step}")
+        return loss
+
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
         start = self.resume()
@@ -165,66 +149,57 @@ class Pretraining:
             logger.text("config", "```\n" + config_to_yaml(cfg) + "```")
         guard = StepGuard(cfg.train.max_nonfinite, self.device)
         peak = device_peak_tflops(self.device, cfg.train.peak_tflops)
-        flops_per_sample = None
-        fixed = None
+        flops_per_sample, fixed = None, None
+
+        def first_batch(batch):  # FLOPs of a step and the fixed reconstruction batch, once
+            nonlocal flops_per_sample, fixed
+            flops_per_sample = self.count_step_flops(batch) / cfg.data.batch_size
+            fixed = {"image": batch["image"][:8].detach().clone(),
+                     "noise": torch.rand(min(8, batch["image"].shape[0]), self.model.mae.num_patches,
+                                         generator=torch.Generator().manual_seed(0)).to(self.device)}
+
         stream = self.batches(start)
         step, stopped, result = start, False, {}
         log.info("training steps %d..%d (%d per epoch), %d samples per step, lr %.3g, %s, %s", start + 1,
                  self.total_steps, self.steps_per_epoch, self.samples_per_step, cfg.optim.lr,
                  self.strategy.name, self.precision)
-        while step < self.total_steps and not stopped:
-            step += 1
-            lr = warmup_cosine_lr(step / self.steps_per_epoch, cfg.optim.lr, cfg.optim.min_lr,
-                                  cfg.optim.warmup_epochs, self.total_steps / self.steps_per_epoch)
-            self.strategy.set_lr(lr)
-            data_time, corrupt, skipped = 0.0, 0, False
-            for micro in range(cfg.optim.accum_steps):
-                t0 = time.perf_counter()
-                batch = next(stream)
-                data_time += time.perf_counter() - t0
-                corrupt += int(batch.pop("corrupt", 0))
-                batch = to_device(batch, self.device, self.input_dtype)
-                if flops_per_sample is None:
-                    flops_per_sample = self.count_step_flops(batch) / cfg.data.batch_size
-                    fixed = {"image": batch["image"][:8].detach().clone(),
-                             "noise": torch.rand(min(8, batch["image"].shape[0]), self.model.mae.num_patches,
-                                                 generator=torch.Generator().manual_seed(0)).to(self.device)}
-                with self.strategy.accumulate(micro == cfg.optim.accum_steps - 1), \
-                        autocast(self.precision, self.device):
-                    out = self.strategy.model(batch)
-                loss = out.loss
-                if step in cfg.debug.nan_steps and self.env.rank == cfg.debug.nan_rank:
-                    loss = loss * float("nan")
-                if cfg.debug.crash_step == step and self.env.rank == cfg.debug.crash_rank:
-                    raise RuntimeError(f"debug.crash_step: rank {self.env.rank} crashes at step {step}")
-                skip, stop = guard.check(loss, step)
-                stopped = stopped or stop
-                if skip:
-                    self.strategy.skip()
-                    skipped = True
-                    break
-                self.strategy.backward(loss)
-            grad_norm = torch.tensor(float("nan")) if skipped else self.strategy.step()
-            values = {"loss": loss.detach(), **{f"loss_{k}": v.detach() for k, v in out.terms.items()}} \
-                if not skipped else {}
-            window = logger.update(step, samples=cfg.data.batch_size * cfg.optim.accum_steps, data_time=data_time,
-                                   **values, grad_norm=grad_norm.to(self.device), corrupt_samples=float(corrupt),
-                                   skipped_steps=float(skipped))
-            if window:
-                scalars = {"train/lr": lr, "train/samples_seen": step * self.samples_per_step,
-                           "train/epoch": step / self.steps_per_epoch}
-                if peak and flops_per_sample:
-                    scalars["perf/mfu"] = flops_per_sample * window["perf/img_per_s"] / self.env.world_size / (
-                        peak * 1e12)
-                logger.write_scalars(step, scalars)
-                result = {"step": step, **window, **scalars}
-            if cfg.train.image_every and step % cfg.train.image_every == 0 and self.env.is_main and fixed:
-                logger.image("mae/reconstruction", reconstruction_grid(
-                    self.strategy.module.mae, fixed["image"], fixed["noise"], self.model.mask_ratio), step)
-            if step % cfg.run.ckpt_every == 0 or step == self.total_steps or stopped:
-                self.save(step)
-            if cfg.debug.step_sleep_s:
-                time.sleep(cfg.debug.step_sleep_s)
+
+        def forward(model, batch):
+            out = model(batch)
+            return out.loss, out.terms, out
+
+        try:
+            while step < self.total_steps and not stopped:
+                step += 1
+                lr = warmup_cosine_lr(step / self.steps_per_epoch, cfg.optim.lr, cfg.optim.min_lr,
+                                      cfg.optim.warmup_epochs, self.total_steps / self.steps_per_epoch)
+                self.strategy.set_lr(lr)
+                done = optimizer_step(self.strategy, stream, forward, guard, step, cfg.optim.accum_steps,
+                                      self.precision, self.device, self.input_dtype, on_loss=self.inject_faults,
+                                      on_first_batch=first_batch if flops_per_sample is None else None)
+                stopped = stopped or done.stop
+                values = {} if done.skipped else {"loss": done.loss.detach(),
+                                                  **{f"loss_{k}": v.detach() for k, v in done.terms.items()}}
+                window = logger.update(step, samples=cfg.data.batch_size * cfg.optim.accum_steps,
+                                       data_time=done.data_time, **values, grad_norm=done.grad_norm.to(self.device),
+                                       corrupt_samples=float(done.corrupt), skipped_steps=float(done.skipped))
+                if window:
+                    scalars = {"train/lr": lr, "train/samples_seen": step * self.samples_per_step,
+                               "train/epoch": step / self.steps_per_epoch}
+                    if peak and flops_per_sample:
+                        scalars["perf/mfu"] = flops_per_sample * window["perf/img_per_s"] / self.env.world_size / (
+                            peak * 1e12)
+                    logger.write_scalars(step, scalars)
+                    result = {"step": step, **window, **scalars}
+                if cfg.train.image_every and step % cfg.train.image_every == 0 and self.env.is_main and fixed:
+                    logger.image("mae/reconstruction", reconstruction_grid(
+                        self.strategy.module.mae, fixed["image"], fixed["noise"], self.model.mask_ratio), step)
+                if step % cfg.run.ckpt_every == 0 or step == self.total_steps or stopped:
+                    self.save(step)
+                if cfg.debug.step_sleep_s:
+                    time.sleep(cfg.debug.step_sleep_s)
+        finally:
+            stream.close()  # shuts the loader's workers down now, not at interpreter exit (where they would hang)
         logger.close()
         checksums = distributed.param_checksums(self.strategy.module)
         if self.env.is_main:

@@ -1,0 +1,1 @@
+"""Fine-tuning and evaluation of the pretrained encoder on the emotion benchmarks, sweeps, prediction."""

@@ -1,0 +1,55 @@
+"""The fine-tuning job's config: encoder, data, augmentation, training mode (plus run and optim from runtime)."""
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+from runtime.config import OptimConfig, RunConfig
+
+
+@dataclass
+class EncoderConfig:
+    checkpoint: Optional[str] = None   # pretraining run / checkpoint dir / weights.safetensors / official MAE .pth
+    from_scratch: bool = False         # random init (the checkpoint must then be unset)
+    preset: str = "vit_b16"            # architecture when it cannot be read from the checkpoint (MAE .pth, scratch)
+    img_size: Optional[int] = None     # default: the encoder's pretraining size; position embeddings interpolate
+    drop_path: float = 0.2
+
+
+@dataclass
+class FinetuneDataConfig:
+    dataset: str                        # required: a registry name (FI, Emotion6, ...) or the name of a sharded set
+    root: Optional[str] = None          # shards made by data_tools (has info.json), or an image folder to shard
+    batch_size: int = 16                # per rank
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class AugmentConfig:
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25               # random erasing
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    crop_pct: float = 0.875             # evaluation: resize to size / crop_pct, centre crop
+
+
+@dataclass
+class FinetuneTrainConfig:
+    epochs: int = 100
+    mode: Literal["finetune", "linear_probe"] = "finetune"
+    layer_decay: float = 0.75           # layer-wise lr decay (applied; the reference parsed but ignored it)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    max_nonfinite: int = 3
+    probe_lrs: List[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    probe_epochs: int = 90
+
+
+@dataclass
+class FinetuneConfig:
+    run: RunConfig
+    data: FinetuneDataConfig
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(blr=1e-3, weight_decay=0.05, betas=(0.9, 0.999),
+                                                                   warmup_epochs=5, min_lr=1e-6))
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)

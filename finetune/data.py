@@ -1,0 +1,134 @@
+"""Fine-tuning data: resolve a benchmark's shards (or shard an image folder into the run), transforms, loaders."""
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from timm.data import create_transform
+from torch.utils.data import DataLoader
+
+from data_tools.folder import shard_folder
+from data_tools.reader import SharedEpoch, make_loader
+from data_tools.registry import REGISTRY, get_dataset
+from data_tools.samples import ImageOptions
+from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
+from runtime import distributed
+
+log = logging.getLogger(__name__)
+REGRESSION_TARGETS = ["valence", "arousal"]
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    task: str
+    classes: List[str]          # class names, or the regression targets
+    root: Path
+    sizes: Dict[str, int]       # samples per split
+
+    def shards(self, split: str) -> List[str]:
+        return sorted(str(p) for p in (self.root / split).glob("*.tar"))
+
+
+def resolve_dataset(dataset: str, root: Optional[str], run_dir: Path, task: Optional[str] = None) -> DatasetInfo:
+    """Shards made by data_tools (a directory with info.json), or an image folder of a registered benchmark that
+    rank 0 shards into the run directory (reruns reuse it)."""
+    if root is None:
+        raise ValueError("data.root is required: shards made by data_tools (with info.json) or an image folder")
+    root_path = Path(root)
+    if not root_path.exists():
+        raise FileNotFoundError(f"data.root does not exist: {root_path}")
+    if not (root_path / "info.json").is_file():
+        spec = get_dataset(dataset)  # an unknown name is an error listing the registry
+        root_path = run_dir / "data"
+        if distributed.is_main():
+            log.info("sharding the %s folder %s into %s", spec.name, root, root_path)
+            shard_folder(spec.name, root, str(root_path), options=ImageOptions(detector="none"))
+        distributed.barrier()
+    info = json.loads((root_path / "info.json").read_text())
+    registered = {k.lower(): k for k in REGISTRY}
+    if dataset.lower() in registered and info["dataset"].lower() != dataset.lower():
+        raise ValueError(f"{root_path} holds {info['dataset']!r}, not {dataset!r}")
+    if dataset.lower() in registered:
+        expected = [c.lower() for c in REGISTRY[registered[dataset.lower()]].classes]
+        if [c.lower() for c in info["classes"]] != expected:
+            raise ValueError(f"{root_path}: classes {info['classes']} do not match the {dataset} registry "
+                             f"({REGISTRY[registered[dataset.lower()]].classes})")
+    task = task or info.get("task", "single_label")
+    classes = REGRESSION_TARGETS if task == "regression" else list(info["classes"])
+    sizes = {s: v["samples"] for s, v in info["splits"].items()}
+    for split in ("train", "val", "test"):
+        if not sizes.get(split):
+            raise ValueError(f"{root_path}: split {split!r} is missing or empty (splits: {sizes})")
+    return DatasetInfo(info["dataset"], task, classes, root_path, sizes)
+
+
+def _posterize_compat(img, bits_to_keep, **_):
+    """timm's posterize with Pillow >= 12: keeping 0 bits is refused now; it used to give a black image."""
+    from PIL import Image, ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    from timm.data import auto_augment
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize_compat
+
+
+def make_transforms(img_size: int, aug) -> tuple:
+    """timm's RandAugment/erasing training transform and the resize + centre-crop evaluation transform."""
+    _patch_timm_posterize()
+    train = create_transform(img_size, is_training=True, auto_augment=aug.auto_augment, re_prob=aug.re_prob,
+                             re_mode="pixel", re_count=1, interpolation="bicubic", mean=IMAGENET_MEAN,
+                             std=IMAGENET_STD)
+    evaluation = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=aug.crop_pct,
+                                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return train, evaluation
+
+
+class LabelledTransform:
+    """Decoded sample -> {'image', 'target', 'key'}; the target's form follows the task (picklable for workers)."""
+
+    def __init__(self, transform, task: str, num_classes: int):
+        self.transform, self.task, self.num_classes = transform, task, num_classes
+
+    def target(self, meta: Dict[str, Any]):
+        if self.task == "single_label":
+            return int(meta["label"])
+        if self.task == "multi_label":
+            if meta.get("labels") is not None:
+                return torch.tensor(meta["labels"], dtype=torch.float32)
+            return torch.nn.functional.one_hot(torch.tensor(int(meta["label"])), self.num_classes).float()
+        return torch.tensor([float(meta[k]) for k in REGRESSION_TARGETS])
+
+    def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
+        return {"image": self.transform(sample["image"]), "target": self.target(sample["meta"]),
+                "key": sample["__key__"]}
+
+
+def train_loader(info: DatasetInfo, transform, data_cfg, *, batches: int, seed: int, epoch: SharedEpoch,
+                 segment: int = 0) -> DataLoader:
+    return make_loader(info.shards("train"), batch_size=data_cfg.batch_size, transform=transform,
+                       num_workers=data_cfg.num_workers, seed=seed, epoch=epoch, rank=distributed.get_rank(),
+                       world_size=distributed.get_world_size(), resampled=True, batches_per_epoch=batches,
+                       shuffle_buffer=data_cfg.shuffle_buffer, drop_last=True, segment=segment)
+
+
+def eval_loader(info: DatasetInfo, split: str, transform, data_cfg) -> Optional[DataLoader]:
+    """Each sample of the split once, spread over the ranks (rank 0 alone when there are fewer shards than
+    ranks); None on a rank with nothing to read."""
+    shards = info.shards(split)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if len(shards) < world:
+        rank, world = (0, 1) if rank == 0 else (None, None)
+        if rank is None:
+            return None
+    workers = min(data_cfg.num_workers, len(shards) // world)
+    return make_loader(shards, batch_size=data_cfg.batch_size, transform=transform, num_workers=workers,
+                       rank=rank, world_size=world, resampled=False, drop_last=False, shuffle_buffer=0)

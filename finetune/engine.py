@@ -1,0 +1,231 @@
+"""The fine-tuning loop: MAE's recipe (layer decay, Mixup/CutMix, RandAugment), evaluation every epoch, the
+best-validation weights kept and tested at the end."""
+import csv
+import dataclasses
+import io
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from timm.data import Mixup
+from timm.optim import param_groups_layer_decay
+
+from data_tools.reader import SharedEpoch
+from finetune.config import FinetuneConfig
+from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset, train_loader
+from finetune.encoder import create_encoder
+from finetune.losses import make_criterion
+from finetune.metrics import PRIMARY, compute_metrics
+from runtime import distributed
+from runtime.atomic import atomic_write_json, atomic_write_text
+from runtime.checkpoint import CheckpointStore
+from runtime.config import config_to_yaml, scaled_lr
+from runtime.guard import StepGuard
+from runtime.loop import optimizer_step, prepare_run, resume_run, save_run, to_device
+from runtime.metric_logger import MetricLogger
+from runtime.precision import autocast, resolve_precision
+from runtime.schedule import warmup_cosine_lr
+from runtime.seeding import seed_everything
+from runtime.strategy import DDPStrategy
+
+log = logging.getLogger("finetune")
+BEST = "best.safetensors"
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, loader, device: torch.device, precision: str):
+    """(outputs, targets, keys) of one split, gathered from every rank (each sample was read by one rank)."""
+    was_training = model.training
+    model.eval()
+    outputs, targets, keys = [], [], []
+    if loader is not None:
+        for batch in loader:
+            with autocast(precision, device):
+                out = model(batch["image"].to(device, non_blocking=True))
+            outputs.append(out.float().cpu())
+            targets.append(torch.as_tensor(batch["target"]).float())
+            keys += list(batch["key"])
+    model.train(was_training)
+    local = (torch.cat(outputs).numpy() if outputs else None, torch.cat(targets).numpy() if targets else None, keys)
+    parts = [p for p in distributed.all_gather_object(local) if p[0] is not None]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), sum((p[2] for p in parts), [])
+
+
+def confusion_image(cm, classes) -> torch.Tensor:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(classes), 1 + 0.5 * len(classes)), dpi=80)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    arr = np.asarray(Image.open(buf).convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+
+
+class Finetuning:
+    """One fine-tuning job on this rank. `on_epoch(epoch, val_metrics)` is called on every rank after each
+    evaluation (Ray Tune reports through it)."""
+
+    def __init__(self, cfg: FinetuneConfig, on_epoch: Optional[Callable[[int, Dict], None]] = None):
+        self.cfg, self.on_epoch = cfg, on_epoch
+        self.env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
+        self.device = distributed.default_device(self.env)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.run_dir = Path(cfg.run.output_dir)
+        self.info = resolve_dataset(cfg.data.dataset, cfg.data.root, self.run_dir)
+        self.task = self.info.task
+        seed_everything(cfg.run.seed)
+        model, self.arch, self.source = create_encoder(cfg.encoder, len(self.info.classes))
+        torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head on the loaded encoder
+        torch.nn.init.zeros_(model.head.bias)
+        self.img_size = model.patch_embed.img_size[0]
+        world, batch = self.env.world_size, cfg.data.batch_size
+        self.steps_per_epoch = max(1, self.info.sizes["train"] // (batch * cfg.optim.accum_steps * world))
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        cfg.optim.lr = scaled_lr(cfg.optim, batch, world)
+        groups = param_groups_layer_decay(model, cfg.optim.weight_decay, model.no_weight_decay(),
+                                          layer_decay=cfg.train.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+        self.strategy = DDPStrategy(model, optimizer, self.device, cfg.optim.accum_steps, cfg.optim.clip_grad)
+        mixup_on = self.task == "single_label" and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
+        self.mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, label_smoothing=cfg.aug.smoothing,
+                           num_classes=len(self.info.classes)) if mixup_on else None
+        self.criterion = make_criterion(self.task, mixup_on, cfg.aug.smoothing)
+        train_tf, eval_tf = make_transforms(self.img_size, cfg.aug)
+        n = len(self.info.classes)
+        self.train_transform = LabelledTransform(train_tf, self.task, n)
+        self.eval_transform = LabelledTransform(eval_tf, self.task, n)
+        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every)
+        self.primary = PRIMARY[self.task]
+        seed_everything(cfg.run.seed + 1000 * self.env.rank)
+        self.epoch = SharedEpoch()
+
+    def forward(self, model, batch):
+        images, targets = batch["image"], batch["target"]
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        return self.criterion(model(images), targets), {}, None
+
+    def evaluate(self, split: str) -> Dict[str, Any]:
+        loader = eval_loader(self.info, split, self.eval_transform, self.cfg.data)
+        outputs, targets, keys = predict_split(self.strategy.module, loader, self.device, self.precision)
+        metrics = compute_metrics(self.task, outputs, targets, self.info.classes)
+        return metrics
+
+    def stream(self, start_step: int):
+        epoch, in_epoch = divmod(start_step, self.steps_per_epoch)
+        while True:
+            self.epoch.set(epoch)
+            loader = train_loader(self.info, self.train_transform, self.cfg.data,
+                                  batches=(self.steps_per_epoch - in_epoch) * self.cfg.optim.accum_steps,
+                                  seed=self.cfg.run.seed, epoch=self.epoch, segment=in_epoch)
+            yield from loader
+            epoch, in_epoch = epoch + 1, 0
+
+    def save_best(self, metrics: Dict[str, Any], step: int) -> None:
+        if self.env.is_main:
+            tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.strategy.module.state_dict().items()}
+            tmp = self.run_dir / f".{BEST}.tmp"
+            save_file(tensors, str(tmp), metadata={"step": str(step), self.primary: str(metrics[self.primary])})
+            os.replace(tmp, self.run_dir / BEST)
+        distributed.barrier()
+
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        prepare_run(self.run_dir, self.store, cfg, self.env, dataset=self.info.name, task=self.task,
+                    encoder_source=self.source, steps_per_epoch=self.steps_per_epoch)
+        state = resume_run(cfg.run.resume, self.store, self.strategy, self.env) or {}
+        step = int(state.get("step", 0))
+        best = state.get("best", {"epoch": None, "metric": None, "val": None})
+        history = state.get("history", [])
+        logger = MetricLogger(self.run_dir / "tb", every=cfg.run.log_every, device=self.device)
+        if step == 0:
+            logger.text("config", "```\n" + config_to_yaml(cfg) + "```")
+        guard = StepGuard(cfg.train.max_nonfinite, self.device)
+        batches = self.stream(step)
+        stopped = False
+        log.info("%s (%s): %d classes, %d train / %d val / %d test; encoder from %s; steps %d..%d (%d per epoch)",
+                 self.info.name, self.task, len(self.info.classes), self.info.sizes["train"], self.info.sizes["val"],
+                 self.info.sizes["test"], self.source, step + 1, self.total_steps, self.steps_per_epoch)
+        try:
+            while step < self.total_steps and not stopped:
+                step += 1
+                lr = warmup_cosine_lr(step / self.steps_per_epoch, cfg.optim.lr, cfg.optim.min_lr,
+                                      cfg.optim.warmup_epochs, cfg.train.epochs)
+                self.strategy.set_lr(lr)
+                done = optimizer_step(self.strategy, batches, self.forward, guard, step, cfg.optim.accum_steps,
+                                      self.precision, self.device)
+                stopped = done.stop
+                window = logger.update(step, samples=cfg.data.batch_size * cfg.optim.accum_steps,
+                                       data_time=done.data_time, **({} if done.skipped else {"loss": done.loss.detach()}),
+                                       grad_norm=done.grad_norm.to(self.device), skipped_steps=float(done.skipped))
+                if window:
+                    logger.write_scalars(step, {"train/lr": lr, "train/epoch": step / self.steps_per_epoch})
+                if step % self.steps_per_epoch == 0:  # end of an epoch: evaluate on val, keep the best
+                    epoch = step // self.steps_per_epoch
+                    val = self.evaluate("val")
+                    history.append({"epoch": epoch, "step": step, f"val_{self.primary}": val[self.primary]})
+                    logger.write_scalars(step, {f"val/{self.primary}": val[self.primary],
+                                                **({"val/top3": val["top3"], "val/macro_f1": val["macro_f1"]}
+                                                   if self.task == "single_label" else {})})
+                    if best["metric"] is None or val[self.primary] > best["metric"]:
+                        best = {"epoch": epoch, "metric": val[self.primary], "val": val}
+                        self.save_best(val, step)
+                    log.info("epoch %d: val %s %.4f (best %.4f at epoch %d)", epoch, self.primary, val[self.primary],
+                             best["metric"], best["epoch"])
+                    if self.on_epoch is not None:
+                        self.on_epoch(epoch, val)
+                if step % cfg.run.ckpt_every == 0 or step % self.steps_per_epoch == 0 or step == self.total_steps \
+                        or stopped:
+                    save_run(self.store, self.strategy, step, cfg, {
+                        "epoch": step / self.steps_per_epoch, "samples_seen": step * cfg.data.batch_size *
+                        cfg.optim.accum_steps * self.env.world_size, "best": best, "history": history,
+                        "arch": dataclasses.asdict(self.arch), "classes": self.info.classes, "task": self.task,
+                        "scheduler": {"name": "warmup_cosine", "steps_per_epoch": self.steps_per_epoch}})
+        finally:
+            batches.close()  # shuts the loader's workers down now, not at interpreter exit
+        if stopped:
+            logger.close()
+            log.warning("stopped by %s at step %d after saving a checkpoint", guard.signal_name, step)
+            return {"final_step": step, "stopped": True}
+        result = self.finish(step, best, history, logger)
+        logger.close()
+        return result
+
+    def finish(self, step: int, best: Dict, history, logger: MetricLogger) -> Dict[str, Any]:
+        """Test the best-validation weights; write metrics.json, the confusion matrix (CSV, TensorBoard)."""
+        self.strategy.module.load_state_dict(load_file(str(self.run_dir / BEST)))
+        test = self.evaluate("test")
+        logger.write_scalars(step, {f"test/{self.primary}": test[self.primary]})
+        result = {"dataset": self.info.name, "task": self.task, "primary_metric": self.primary,
+                  "encoder_source": self.source, "final_step": step, "best_epoch": best["epoch"],
+                  "val": best["val"], "test": test, "history": history, "classes": self.info.classes,
+                  "world_size": self.env.world_size, "stopped": False}
+        if self.env.is_main:
+            atomic_write_json(self.run_dir / "metrics.json", result)
+            if self.task == "single_label":
+                rows = [["true\\predicted", *self.info.classes]] + [[c, *r] for c, r in
+                                                                    zip(self.info.classes, test["confusion"])]
+                buf = io.StringIO()
+                csv.writer(buf).writerows(rows)
+                atomic_write_text(self.run_dir / "confusion_test.csv", buf.getvalue())
+                logger.image("test/confusion", confusion_image(test["confusion"], self.info.classes), step)
+            log.info("test %s %.4f (best val %.4f at epoch %s)", self.primary, test[self.primary], best["metric"],
+                     best["epoch"])
+        return result

@@ -1,0 +1,105 @@
+"""What both training loops share: run-directory set-up, resume, save, and one guarded optimizer step."""
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from runtime import distributed
+from runtime.checkpoint import CheckpointStore, decide_resume
+from runtime.config import config_to_dict, write_run_metadata
+from runtime.guard import StepGuard
+from runtime.precision import autocast
+from runtime.seeding import capture_rng_state, restore_rng_state
+
+log = logging.getLogger(__name__)
+
+# forward(model, batch) -> (total loss, {term: value}, anything else the caller wants back)
+Forward = Callable[[torch.nn.Module, Dict[str, Any]], Tuple[torch.Tensor, Dict[str, torch.Tensor], Any]]
+
+
+def prepare_run(run_dir: Path, store: CheckpointStore, cfg: Any, env: distributed.DistEnv, **meta: Any) -> None:
+    """Rank 0 removes half-written checkpoints and records config and provenance; everyone waits for it."""
+    if env.is_main:
+        store.clean_partials()
+        write_run_metadata(run_dir, cfg, world_size=env.world_size, launcher=env.launcher,
+                           restart_count=os.environ.get("SLURM_RESTART_COUNT", "0"), **meta)
+    distributed.barrier()
+
+
+def resume_run(resume: str, store: CheckpointStore, strategy, env: distributed.DistEnv) -> Optional[Dict[str, Any]]:
+    """Load what rank 0 decided to resume from into the strategy; restore this rank's RNG; return the rest."""
+    path = decide_resume(resume, store)
+    if path is None:
+        return None
+    state = strategy.load_checkpoint(path)
+    rng = state.get("rng") or []
+    if len(rng) == env.world_size:
+        restore_rng_state(rng[env.rank])
+    log.info("resumed from %s at step %d", path, state["step"])
+    return {**state, "path": str(path)}
+
+
+def save_run(store: CheckpointStore, strategy, step: int, cfg: Any, extra: Dict[str, Any]) -> None:
+    """A checkpoint with every rank's RNG state and the resolved config (a collective: all ranks call it)."""
+    rng = distributed.all_gather_object(capture_rng_state())
+    strategy.save_checkpoint(store, step, {"step": step, "rng": rng, "config": config_to_dict(cfg), "scaler": None,
+                                           **extra})
+
+
+def to_device(batch: Dict[str, Any], device: torch.device, float_dtype: Optional[torch.dtype] = None):
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if float_dtype is not None and v.is_floating_point():
+                v = v.to(float_dtype)
+        out[k] = v
+    return out
+
+
+@dataclass
+class StepResult:
+    loss: Optional[torch.Tensor]
+    terms: Dict[str, torch.Tensor]
+    skipped: bool
+    stop: bool
+    grad_norm: torch.Tensor
+    data_time: float
+    corrupt: int
+    last_batch: Dict[str, Any] = field(default_factory=dict)
+    output: Any = None
+
+
+def optimizer_step(strategy, batches: Iterator[Dict[str, Any]], forward: Forward, guard: StepGuard, step: int,
+                   accum_steps: int, precision: str, device: torch.device, input_dtype: Optional[torch.dtype] = None,
+                   on_loss: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+                   on_first_batch: Optional[Callable[[Dict[str, Any]], None]] = None) -> StepResult:
+    """Micro-batches through forward/backward (DDP no_sync between boundaries), the guard's verdict before each
+    backward (skip on a non-finite loss anywhere, stop on a signal anywhere), then the optimizer step."""
+    data_time, corrupt, skipped, stop = 0.0, 0, False, False
+    loss, terms, output, batch = None, {}, None, {}
+    for micro in range(accum_steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        data_time += time.perf_counter() - t0
+        corrupt += int(batch.pop("corrupt", 0))
+        batch = to_device(batch, device, input_dtype)
+        if on_first_batch is not None:
+            on_first_batch(batch)
+        with strategy.accumulate(micro == accum_steps - 1), autocast(precision, device):
+            loss, terms, output = forward(strategy.model, batch)
+        if on_loss is not None:
+            loss = on_loss(loss, step)
+        skip, stop_now = guard.check(loss, step)
+        stop = stop or stop_now
+        if skip:
+            strategy.skip()
+            skipped = True
+            break
+        strategy.backward(loss)
+    grad_norm = torch.tensor(float("nan")) if skipped else strategy.step()
+    return StepResult(loss, terms, skipped, stop, grad_norm, data_time, corrupt, batch, output)
