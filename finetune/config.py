@@ -2,7 +2,7 @@
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
-from runtime.config import OptimConfig, RunConfig
+from runtime.config import DebugConfig, OptimConfig, RunConfig
 
 
 @dataclass
@@ -53,3 +53,4 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(blr=1e-3, weight_decay=0.05, betas=(0.9, 0.999),
                                                                    warmup_epochs=5, min_lr=1e-6))
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)

@@ -26,7 +26,7 @@ from runtime.atomic import atomic_write_json, atomic_write_text
 from runtime.checkpoint import CheckpointStore
 from runtime.config import config_to_yaml, scaled_lr
 from runtime.guard import StepGuard
-from runtime.loop import optimizer_step, prepare_run, resume_run, save_run, to_device
+from runtime.loop import inject_faults, optimizer_step, prepare_run, resume_run, save_run
 from runtime.metric_logger import MetricLogger
 from runtime.precision import autocast, resolve_precision
 from runtime.schedule import warmup_cosine_lr
@@ -122,11 +122,12 @@ class Finetuning:
             images, targets = self.mixup(images, targets)
         return self.criterion(model(images), targets), {}, None
 
-    def evaluate(self, split: str) -> Dict[str, Any]:
+    def evaluate(self, split: str, save_predictions: bool = False) -> Dict[str, Any]:
         loader = eval_loader(self.info, split, self.eval_transform, self.cfg.data)
         outputs, targets, keys = predict_split(self.strategy.module, loader, self.device, self.precision)
-        metrics = compute_metrics(self.task, outputs, targets, self.info.classes)
-        return metrics
+        if save_predictions and self.env.is_main:  # for error analysis, and to recompute any metric
+            np.savez(self.run_dir / f"predictions_{split}.npz", outputs=outputs, targets=targets, keys=np.array(keys))
+        return compute_metrics(self.task, outputs, targets, self.info.classes)
 
     def stream(self, start_step: int):
         epoch, in_epoch = divmod(start_step, self.steps_per_epoch)
@@ -170,7 +171,8 @@ class Finetuning:
                                       cfg.optim.warmup_epochs, cfg.train.epochs)
                 self.strategy.set_lr(lr)
                 done = optimizer_step(self.strategy, batches, self.forward, guard, step, cfg.optim.accum_steps,
-                                      self.precision, self.device)
+                                      self.precision, self.device,
+                                      on_loss=lambda loss, s: inject_faults(cfg.debug, loss, s, self.env.rank))
                 stopped = done.stop
                 window = logger.update(step, samples=cfg.data.batch_size * cfg.optim.accum_steps,
                                        data_time=done.data_time, **({} if done.skipped else {"loss": done.loss.detach()}),
@@ -198,6 +200,8 @@ class Finetuning:
                         cfg.optim.accum_steps * self.env.world_size, "best": best, "history": history,
                         "arch": dataclasses.asdict(self.arch), "classes": self.info.classes, "task": self.task,
                         "scheduler": {"name": "warmup_cosine", "steps_per_epoch": self.steps_per_epoch}})
+                if cfg.debug.step_sleep_s:
+                    time.sleep(cfg.debug.step_sleep_s)
         finally:
             batches.close()  # shuts the loader's workers down now, not at interpreter exit
         if stopped:
@@ -211,7 +215,7 @@ class Finetuning:
     def finish(self, step: int, best: Dict, history, logger: MetricLogger) -> Dict[str, Any]:
         """Test the best-validation weights; write metrics.json, the confusion matrix (CSV, TensorBoard)."""
         self.strategy.module.load_state_dict(load_file(str(self.run_dir / BEST)))
-        test = self.evaluate("test")
+        test = self.evaluate("test", save_predictions=True)
         logger.write_scalars(step, {f"test/{self.primary}": test[self.primary]})
         result = {"dataset": self.info.name, "task": self.task, "primary_metric": self.primary,
                   "encoder_source": self.source, "final_step": step, "best_epoch": best["epoch"],

@@ -2,7 +2,7 @@
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Tuple
 
-from runtime.config import OptimConfig, RunConfig, must_exist
+from runtime.config import DebugConfig, OptimConfig, RunConfig, must_exist
 
 
 @dataclass
@@ -61,16 +61,6 @@ class TrainConfig:
     max_nonfinite: int = 3                  # consecutive skipped steps (non-finite loss) before the run stops
     image_every: int = 500                  # steps between reconstruction images in TensorBoard (0: never)
     peak_tflops: Optional[float] = None     # per device, for MFU; known GPUs are looked up, CPU needs a value
-
-
-@dataclass
-class DebugConfig:
-    """Fault injection for tests and drills; all off by default."""
-    nan_steps: List[int] = field(default_factory=list)   # the loss becomes NaN at these steps ...
-    nan_rank: int = 0                                      # ... on this rank
-    crash_step: Optional[int] = None                       # this rank raises at this step
-    crash_rank: int = 1
-    step_sleep_s: float = 0.0                              # slows every step (to interrupt runs on purpose)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from runtime.guard import StepGuard
 from runtime.metric_logger import MetricLogger
 from runtime.precision import autocast, resolve_precision
 from runtime.schedule import warmup_cosine_lr
-from runtime.loop import optimizer_step, prepare_run, resume_run, save_run
+from runtime.loop import inject_faults, optimizer_step, prepare_run, resume_run, save_run
 from runtime.seeding import seed_everything
 from runtime.strategy import make_strategy
 
@@ -133,13 +133,7 @@ class Pretraining:
         return training_step_flops(student, frozen if teacher is not None else None)
 
     def inject_faults(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        """debug.* test hooks: a NaN loss or a crash on one rank at a given step."""
-        debug = self.cfg.debug
-        if step in debug.nan_steps and self.env.rank == debug.nan_rank:
-            loss = loss * float("nan")
-        if debug.crash_step == step and self.env.rank == debug.crash_rank:
-            raise RuntimeError(f"debug.crash_step: rank {self.env.rank} crashes at step {step}")
-        return loss
+        return inject_faults(self.cfg.debug, loss, step, self.env.rank)
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg

@@ -65,6 +65,16 @@ class OptimConfig:
     clip_grad: Optional[float] = None
 
 
+@dataclass
+class DebugConfig:
+    """Fault injection for tests and drills (shared by both trainers); all off by default."""
+    nan_steps: List[int] = field(default_factory=list)   # the loss becomes NaN at these steps ...
+    nan_rank: int = 0                                      # ... on this rank
+    crash_step: Optional[int] = None                       # this rank raises at this step
+    crash_rank: int = 1
+    step_sleep_s: float = 0.0                              # slows every step (to interrupt runs on purpose)
+
+
 def scaled_lr(optim: OptimConfig, batch_per_rank: int, world_size: int) -> float:
     """The absolute learning rate: optim.lr if given, else blr * (batch per rank * accum * world size) / 256."""
     if optim.lr is not None:

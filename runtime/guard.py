@@ -2,6 +2,7 @@
 and stop cleanly (checkpoint, exit for requeue) when any rank was asked to by SIGTERM or SIGUSR1."""
 import logging
 import signal
+import threading
 from typing import Optional
 
 import torch
@@ -27,7 +28,7 @@ class StepGuard:
         self.skipped_total = 0
         self.stop_requested = False
         self.signal_name: Optional[str] = None
-        if handle_signals:
+        if handle_signals and threading.current_thread() is threading.main_thread():  # (Ray runs trials in threads)
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._on_signal)
 

@@ -61,6 +61,15 @@ def to_device(batch: Dict[str, Any], device: torch.device, float_dtype: Optional
     return out
 
 
+def inject_faults(debug, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """The debug.* hooks: a NaN loss or a crash on one rank at a given step."""
+    if step in debug.nan_steps and rank == debug.nan_rank:
+        loss = loss * float("nan")
+    if debug.crash_step == step and rank == debug.crash_rank:
+        raise RuntimeError(f"debug.crash_step: rank {rank} crashes at step {step}")
+    return loss
+
+
 @dataclass
 class StepResult:
     loss: Optional[torch.Tensor]

@@ -1,0 +1,120 @@
+"""Linear probe: frozen encoder features extracted once, a grid of learning rates trained together on them,
+the best on val reported on test (no BatchNorm: a plain linear head on the pooled, normalised features)."""
+import logging
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finetune.config import FinetuneConfig
+from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
+from finetune.encoder import create_encoder
+from finetune.losses import ccc_loss
+from finetune.metrics import PRIMARY, compute_metrics
+from runtime import distributed
+from runtime.atomic import atomic_write_json
+from runtime.checkpoint import CheckpointStore
+from runtime.loop import prepare_run
+from runtime.precision import autocast, resolve_precision
+from runtime.seeding import seed_everything
+
+log = logging.getLogger("finetune.linear_probe")
+
+
+@torch.no_grad()
+def extract_features(model, loader, device, precision):
+    """Pooled features (before the head) and targets of one split, gathered from every rank."""
+    model.eval()
+    feats, targets = [], []
+    if loader is not None:
+        for batch in loader:
+            with autocast(precision, device):
+                tokens = model.forward_features(batch["image"].to(device))
+                feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())
+            targets.append(torch.as_tensor(batch["target"]).float())
+    local = (torch.cat(feats) if feats else None, torch.cat(targets) if targets else None)
+    parts = [p for p in distributed.all_gather_object(local) if p[0] is not None]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def probe_loss(task: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-head losses summed over the heads: logits (G, N, C)."""
+    if task == "single_label":
+        g = logits.shape[0]
+        return F.cross_entropy(logits.flatten(0, 1), targets.long().repeat(g), reduction="sum") / logits.shape[1]
+    if task == "multi_label":
+        return F.binary_cross_entropy_with_logits(logits, targets.expand_as(logits), reduction="sum") / (
+            logits.shape[1] * logits.shape[2])
+    return sum(F.mse_loss(l, targets) + ccc_loss(l, targets) for l in logits)
+
+
+def train_probes(train_x: torch.Tensor, train_y: torch.Tensor, task: str, num_outputs: int, lrs: List[float],
+                 epochs: int, batch_size: int, seed: int) -> tuple:
+    """One linear head per learning rate, trained in the same passes over the cached features (SGD with
+    momentum, cosine decay): weights (G, C, D), biases (G, C)."""
+    g = torch.Generator().manual_seed(seed)
+    d = train_x.shape[1]
+    weight = torch.zeros(len(lrs), num_outputs, d, requires_grad=True)
+    bias = torch.zeros(len(lrs), num_outputs, requires_grad=True)
+    lr_vec = torch.tensor(lrs).view(-1, 1, 1)
+    optim = torch.optim.SGD([weight, bias], lr=1.0, momentum=0.9)  # per-head lr scales the gradients below
+    steps = epochs * max(1, -(-len(train_x) // batch_size))
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=g)
+        for start in range(0, len(train_x), batch_size):
+            idx = order[start:start + batch_size]
+            logits = torch.einsum("nd,gcd->gnc", train_x[idx], weight) + bias[:, None, :]
+            loss = probe_loss(task, logits, train_y[idx])
+            optim.zero_grad()
+            loss.backward()
+            cosine = 0.5 * (1 + np.cos(np.pi * step / steps))
+            weight.grad.mul_(lr_vec * cosine)
+            bias.grad.mul_(lr_vec.view(-1, 1) * cosine)
+            optim.step()
+            step += 1
+    return weight.detach(), bias.detach()
+
+
+class LinearProbe:
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg = cfg
+        self.env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
+        self.device = distributed.default_device(self.env)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.run_dir = Path(cfg.run.output_dir)
+        self.info = resolve_dataset(cfg.data.dataset, cfg.data.root, self.run_dir)
+        seed_everything(cfg.run.seed)
+        self.model, self.arch, self.source = create_encoder(cfg.encoder, len(self.info.classes))
+        self.model.to(self.device)
+
+    def run(self) -> Dict[str, Any]:
+        cfg, info = self.cfg, self.info
+        prepare_run(self.run_dir, CheckpointStore(self.run_dir / "checkpoints"), cfg, self.env, dataset=info.name,
+                    task=info.task, encoder_source=self.source, mode="linear_probe")
+        _, eval_tf = make_transforms(self.model.patch_embed.img_size[0], cfg.aug)
+        transform = LabelledTransform(eval_tf, info.task, len(info.classes))
+        feats = {s: extract_features(self.model, eval_loader(info, s, transform, cfg.data), self.device,
+                                     self.precision) for s in ("train", "val", "test")}
+        primary = PRIMARY[info.task]
+        result: Dict[str, Any] = {}
+        if self.env.is_main:  # the probes are small: rank 0 trains them all
+            weight, bias = train_probes(*feats["train"], info.task, len(info.classes), cfg.train.probe_lrs,
+                                        cfg.train.probe_epochs, max(64, cfg.data.batch_size), cfg.run.seed)
+
+            def outputs(split, head):
+                return (feats[split][0] @ weight[head].T + bias[head]).numpy()
+            val = [compute_metrics(info.task, outputs("val", h), feats["val"][1].numpy(), info.classes)
+                   for h in range(len(cfg.train.probe_lrs))]
+            best = int(np.nanargmax([m[primary] for m in val]))
+            test = compute_metrics(info.task, outputs("test", best), feats["test"][1].numpy(), info.classes)
+            result = {"dataset": info.name, "task": info.task, "mode": "linear_probe", "primary_metric": primary,
+                      "encoder_source": self.source, "best_lr": cfg.train.probe_lrs[best],
+                      "val_by_lr": {str(lr): m[primary] for lr, m in zip(cfg.train.probe_lrs, val)},
+                      "val": val[best], "test": test, "classes": info.classes, "stopped": False}
+            atomic_write_json(self.run_dir / "metrics.json", result)
+            log.info("linear probe: best lr %g, val %s %.4f, test %.4f", result["best_lr"], primary,
+                     val[best][primary], test[primary])
+        return distributed.broadcast_object(result)

@@ -1,0 +1,228 @@
+"""`python -m finetune.sweep --config configs/sweep/X.yaml`: Ray Tune over fine-tuning settings, per dataset, with
+ASHA; results.md, results.csv and a plot of every trial's validation curve.
+
+    python -m finetune.sweep --config configs/sweep/benchmarks.yaml --datasets FI Emotion6 [--address auto]
+
+Each trial is one fine-tuning run (finetune.engine) in a Ray worker, reporting the validation metric every epoch;
+a trial that raises is retried `max_failures` times, then marked failed — the sweep goes on and reports it.
+"""
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from finetune.config import FinetuneConfig
+from runtime.atomic import atomic_write_text
+from runtime.config import ConfigError, load_config, parse_cli
+
+log = logging.getLogger("finetune.sweep")
+SPACE_KINDS = ("loguniform", "uniform", "choice", "grid", "randint")
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "asha"                      # asha or fifo
+    max_t: int = 100                        # epochs
+    grace_period: int = 5
+    reduction_factor: int = 3
+
+
+@dataclass
+class SweepConfig:
+    output_dir: str                                          # required
+    datasets: Dict[str, str]                                 # required: name -> root (shards or image folder)
+    base_config: Optional[str] = None                        # a finetune YAML the trials start from
+    base_overrides: List[str] = field(default_factory=list)  # applied after base_config, before the trial's values
+    search_space: Dict[str, Dict[str, List[Any]]] = field(default_factory=dict)  # key -> {kind: [args]}
+    num_samples: int = 4
+    mode: str = "max"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    resources_per_trial: Dict[str, float] = field(default_factory=lambda: {"cpu": 1.0, "gpu": 0.0})
+    max_failures: int = 1
+
+
+def check_space(cfg: SweepConfig) -> None:
+    """Every searched key must be a fine-tuning config key of the right type: an error names the one that is not."""
+    for key, spec in cfg.search_space.items():
+        if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            raise ConfigError(f"search_space.{key}: expected one of {{{', '.join(SPACE_KINDS)}: [...]}}, got {spec}")
+        kind, args = next(iter(spec.items()))
+        sample = args[0]
+        overrides = [*cfg.base_overrides, "run.output_dir=x", "data.dataset=x", f"{key}={sample}"]
+        try:
+            load_config(FinetuneConfig, cfg.base_config, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"search_space: parameter {key!r} does not fit the fine-tuning config: {e}") from None
+
+
+def to_tune_space(space: Dict[str, Dict[str, List[Any]]]) -> Dict[str, Any]:
+    from ray import tune
+    makers = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint,
+              "choice": tune.choice, "grid": tune.grid_search}
+    return {key: (makers[kind](args) if kind in ("choice", "grid") else makers[kind](*args))
+            for key, spec in space.items() for kind, args in spec.items()}
+
+
+def run_trial(config: Dict[str, Any]) -> None:
+    """The Ray Tune trainable: one fine-tuning run with this trial's values, reporting val every epoch."""
+    from ray import tune
+
+    from finetune.engine import Finetuning
+    meta = config["__sweep"]
+    params = {k: v for k, v in config.items() if k != "__sweep"}
+    trial_dir = Path(meta["output_dir"]) / "trials" / meta["dataset"] / tune.get_context().get_trial_id()
+    overrides = [*meta["base_overrides"], *(f"{k}={v}" for k, v in params.items()),
+                 f"data.dataset={meta['dataset']}", f"data.root={meta['root']}", f"run.output_dir={trial_dir}"]
+    cfg = load_config(FinetuneConfig, meta["base_config"], overrides)
+
+    def report(epoch: int, val: Dict[str, Any]) -> None:
+        tune.report({"val_metric": float(val[meta_primary(val)]), "epoch": epoch, "trial_dir": str(trial_dir)})
+    Finetuning(cfg, on_epoch=report).run()
+
+
+def meta_primary(val: Dict[str, Any]) -> str:
+    return next(k for k in ("top1", "mAP", "ccc") if k in val)
+
+
+def sweep_dataset(cfg: SweepConfig, dataset: str, root: str, address: Optional[str]):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.scheduler.max_t, grace_period=cfg.scheduler.grace_period,
+                              reduction_factor=cfg.scheduler.reduction_factor) \
+        if cfg.scheduler.name == "asha" else FIFOScheduler()
+    meta = {"dataset": dataset, "root": str(Path(root).resolve()), "output_dir": str(Path(cfg.output_dir).resolve()),
+            "base_config": str(Path(cfg.base_config).resolve()) if cfg.base_config else None,
+            "base_overrides": cfg.base_overrides}
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, cfg.resources_per_trial),
+        param_space={**to_tune_space(cfg.search_space), "__sweep": meta},
+        tune_config=tune.TuneConfig(metric="val_metric", mode=cfg.mode, scheduler=scheduler,
+                                    num_samples=cfg.num_samples),
+        run_config=tune.RunConfig(name=dataset, storage_path=str(Path(cfg.output_dir, "ray").resolve()),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=0))
+    return tuner.fit()
+
+
+def collect(cfg: SweepConfig, dataset: str, grid) -> List[Dict[str, Any]]:
+    """One row per trial: its values, status, epochs, best val and the test metric of its best-val weights."""
+    rows = []
+    for result in grid:
+        params = {k: v for k, v in result.config.items() if k != "__sweep"}
+        history = result.metrics_dataframe
+        curve = [] if history is None or "val_metric" not in history else \
+            list(zip(history["epoch"].tolist(), history["val_metric"].tolist()))
+        trial_dir = (result.metrics or {}).get("trial_dir")
+        metrics = {}
+        if trial_dir and (Path(trial_dir) / "metrics.json").is_file():
+            metrics = json.loads((Path(trial_dir) / "metrics.json").read_text())
+        status = "failed" if result.error else ("completed" if metrics else "stopped early (ASHA)")
+        rows.append({"dataset": dataset, "trial": Path(result.path).name, "status": status,
+                     "error": str(result.error).splitlines()[0][:200] if result.error else "",
+                     "params": params, "epochs": len(curve), "curve": curve,
+                     "best_val": max((v for _, v in curve), default=None) if cfg.mode == "max" else
+                     min((v for _, v in curve), default=None),
+                     "test": metrics.get("test", {}).get(metrics.get("primary_metric", ""), None),
+                     "primary": metrics.get("primary_metric") or (curve and "val_metric") or ""})
+    return rows
+
+
+def write_reports(out: Path, rows: List[Dict[str, Any]], mode: str) -> Dict[str, Any]:
+    """results.csv (every trial), results.md (best per dataset + every trial), val_curves.png."""
+    keys = sorted({k for r in rows for k in r["params"]})
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["dataset", "trial", "status", *keys, "epochs", "best_val", "test", "error"])
+    for r in rows:
+        writer.writerow([r["dataset"], r["trial"], r["status"], *(r["params"].get(k) for k in keys), r["epochs"],
+                         r["best_val"], r["test"], r["error"]])
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    best = {}
+    for r in rows:
+        if r["best_val"] is None or r["test"] is None:
+            continue
+        cur = best.get(r["dataset"])
+        better = cur is None or (r["best_val"] > cur["best_val"] if mode == "max" else r["best_val"] < cur["best_val"])
+        if better:
+            best[r["dataset"]] = r
+    lines = ["# Sweep results", "", "## Best configuration per dataset", "",
+             "| dataset | metric | best val | test | config |", "|---|---|---|---|---|"]
+    for dataset, r in sorted(best.items()):
+        lines.append(f"| {dataset} | {r['primary']} | {r['best_val']:.4f} | {r['test']:.4f} | "
+                     + ", ".join(f"{k}={v}" for k, v in sorted(r["params"].items())) + " |")
+    lines += ["", "## Every trial", "", "| dataset | trial | status | " + " | ".join(keys) +
+              " | epochs | best val | test |", "|---" * (6 + len(keys)) + "|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['trial']} | {r['status']}{': ' + r['error'] if r['error'] else ''} | "
+                     + " | ".join(str(r["params"].get(k)) for k in keys)
+                     + f" | {r['epochs']} | {_fmt(r['best_val'])} | {_fmt(r['test'])} |")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    plot_curves(out / "val_curves.png", rows)
+    return {d: {"best_val": r["best_val"], "test": r["test"], "params": r["params"]} for d, r in best.items()}
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def plot_curves(path: Path, rows: List[Dict[str, Any]]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for r in (r for r in rows if r["dataset"] == dataset):
+            if r["curve"]:
+                ax.plot(*zip(*r["curve"]), marker="o", label=f"{r['trial'][-12:]} ({r['status']})")
+        ax.set_title(dataset), ax.set_xlabel("epoch"), ax.set_ylabel("val metric")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", help="a subset of the config's datasets")
+    parser.add_argument("--address", help="an existing Ray cluster (e.g. auto); default: a local Ray")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
+    try:
+        cfg, args = parse_cli(SweepConfig, argv, description=__doc__, parser=parser)
+        check_space(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    datasets = args.datasets or list(cfg.datasets)
+    unknown = [d for d in datasets if d not in cfg.datasets]
+    if unknown:
+        print(f"error: datasets {unknown} are not in the sweep config ({', '.join(cfg.datasets)})", file=sys.stderr)
+        return 2
+    import ray
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
+    ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus, include_dashboard=False,
+             log_to_driver=False)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for dataset in datasets:
+            log.info("sweeping %s (%d samples)", dataset, cfg.num_samples)
+            rows += collect(cfg, dataset, sweep_dataset(cfg, dataset, cfg.datasets[dataset], args.address))
+    finally:
+        ray.shutdown()
+    best = write_reports(out, rows, cfg.mode)
+    print(json.dumps(best, indent=1))
+    failed = [r for r in rows if r["status"] == "failed"]
+    log.info("%d trials, %d failed; results in %s/results.md", len(rows), len(failed), out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
