@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +82,17 @@ def run_trial(config: Dict[str, Any]) -> None:
                  f"data.dataset={meta['dataset']}", f"data.root={meta['root']}", f"run.output_dir={trial_dir}"]
     cfg = load_config(FinetuneConfig, meta["base_config"], overrides)
 
+    last: Dict[str, Any] = {}
+
     def report(epoch: int, val: Dict[str, Any]) -> None:
-        tune.report({"val_metric": float(val[meta_primary(val)]), "epoch": epoch, "trial_dir": str(trial_dir)})
-    Finetuning(cfg, on_epoch=report).run()
+        row = {"val_metric": float(val[meta_primary(val)]), "epoch": epoch, "trial_dir": str(trial_dir)}
+        if epoch < cfg.train.epochs:
+            tune.report(row)
+        else:
+            last.update(row)  # the last epoch is reported after the test: a scheduler may stop a trial at max_t
+    result = Finetuning(cfg, on_epoch=report).run()
+    if last:
+        tune.report({**last, "test_metric": float(result["test"][result["primary_metric"]])})
 
 
 def meta_primary(val: Dict[str, Any]) -> str:
@@ -123,13 +132,19 @@ def collect(cfg: SweepConfig, dataset: str, grid) -> List[Dict[str, Any]]:
             metrics = json.loads((Path(trial_dir) / "metrics.json").read_text())
         status = "failed" if result.error else ("completed" if metrics else "stopped early (ASHA)")
         rows.append({"dataset": dataset, "trial": Path(result.path).name, "status": status,
-                     "error": str(result.error).splitlines()[0][:200] if result.error else "",
+                     "error": error_line(result.error) if result.error else "",
                      "params": params, "epochs": len(curve), "curve": curve,
                      "best_val": max((v for _, v in curve), default=None) if cfg.mode == "max" else
                      min((v for _, v in curve), default=None),
                      "test": metrics.get("test", {}).get(metrics.get("primary_metric", ""), None),
                      "primary": metrics.get("primary_metric") or (curve and "val_metric") or ""})
     return rows
+
+
+def error_line(error: BaseException) -> str:
+    """The exception's own last line ('ZeroDivisionError: ...'), without Ray's coloured wrapper."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    return next((line for line in reversed(lines) if line), "")[:200]
 
 
 def write_reports(out: Path, rows: List[Dict[str, Any]], mode: str) -> Dict[str, Any]:
