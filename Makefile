@@ -5,6 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo_out
+DEMO_PRETRAIN_EPOCHS ?= 15
 FMNIST   := /usr/share/datasets/fashion-mnist
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS     := dataset-fashion-mnist slurmctld slurmd slurm-client munge
@@ -40,13 +41,22 @@ demo: $(STAMP) debs
 	$(PY) -m data_tools shard-folder fashion $(DEMO_DIR)/fashion_src --generic --out $(DEMO_DIR)/shards/fashion \
 		--shard-size 250 --min-shards 4
 	$(PY) -m data_tools verify $(DEMO_DIR)/shards/fashion
-	@echo "== 2. pretraining: tiny MAE ViT + random tiny CLIP teacher, 2 processes (DDP, gloo), 6 epochs"
+	@echo "== 2. pretraining: tiny MAE ViT + random tiny CLIP teacher, 2 processes (DDP, gloo), $(DEMO_PRETRAIN_EPOCHS) epochs"
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 pretrain/main.py \
 		--config configs/pretrain/tiny.yaml "data.train=[$(DEMO_DIR)/shards/fashion/train/{00000..00009}.tar]" \
-		run.output_dir=$(DEMO_DIR)/pretrain train.epochs=6 optim.blr=1e-3 run.ckpt_every=100 train.image_every=100
-	@echo "== done: shards in $(DEMO_DIR)/shards/fashion (info.json, splits/, train/ val/ test/)"
-	@echo "   pretraining run $(DEMO_DIR)/pretrain (config.yaml, meta.json, checkpoints/, tb/, weights.safetensors)"
-	@echo "   view it with: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR) --host 127.0.0.1"
+		run.output_dir=$(DEMO_DIR)/pretrain train.epochs=$(DEMO_PRETRAIN_EPOCHS) optim.blr=1.5e-3 \
+		run.ckpt_every=200 train.image_every=200
+	@echo "== 3. fine-tuning the pretrained encoder and a from-scratch one, same recipe and budget, 2 processes"
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 finetune/main.py --config configs/finetune/tiny.yaml \
+		--dataset fashion --data $(DEMO_DIR)/shards/fashion --checkpoint $(DEMO_DIR)/pretrain \
+		run.output_dir=$(DEMO_DIR)/finetune_pretrained
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 finetune/main.py --config configs/finetune/tiny.yaml \
+		--dataset fashion --data $(DEMO_DIR)/shards/fashion --from-scratch run.output_dir=$(DEMO_DIR)/finetune_scratch
+	@echo "== results (test split of the demo's Fashion-MNIST subset)"
+	$(PY) -m finetune.report $(DEMO_DIR)/finetune_pretrained $(DEMO_DIR)/finetune_scratch \
+		--labels pretrained from-scratch --out $(DEMO_DIR)/results.md
+	@echo "== done: shards in $(DEMO_DIR)/shards/fashion, runs in $(DEMO_DIR)/{pretrain,finetune_*}, table in $(DEMO_DIR)/results.md"
+	@echo "   view them with: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR) --host 127.0.0.1"
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,6 +1,7 @@
 """`shard-emoset`: the EmoSet-118K layout (split JSON lists, per-image annotation JSON) -> shards with attribute text."""
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -61,7 +62,7 @@ class EmoSetSample:
                                   attributes=attributes)
 
 
-def shard_emoset(src: str, out: str, *, shard_size: int = 1000, min_shards: int = 8, workers: int = 1,
+def shard_emoset(src: str, out: str, *, seed: int = 0, shard_size: int = 1000, min_shards: int = 8, workers: int = 1,
                  options: Optional[ImageOptions] = None, name: str = "EmoSet") -> Dict[str, Any]:
     src_path, out_path = Path(src), Path(out)
     options = options or ImageOptions()
@@ -78,7 +79,9 @@ def shard_emoset(src: str, out: str, *, shard_size: int = 1000, min_shards: int 
     maker = EmoSetSample(src_path, builder)
     summary = {}
     for split in splits:
-        tasks = plan_shards(out_path / split, split, _entries(src_path, split), shard_size, min_shards)
+        entries = _entries(src_path, split)
+        random.Random(f"{seed}/{split}/shards").shuffle(entries)  # classes mixed across shards (see folder.py)
+        tasks = plan_shards(out_path / split, split, entries, shard_size, min_shards)
         summary[split] = finalize_split(out_path / split, run_shard_tasks(tasks, maker, workers, f"{name}/{split}"))
     info = {"dataset": name, "task": "single_label", "classes": classes, "splits": summary,
             "source": str(src_path.resolve()), "attributes": list(ATTRIBUTES),

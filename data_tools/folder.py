@@ -1,5 +1,6 @@
 """`shard-folder`: a benchmark's class-folder tree (or any ImageFolder tree) -> split shards, split lists, info."""
 import logging
+import random
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -48,6 +49,9 @@ def shard_folder(name: str, src: str, out: str, *, seed: int = 0, shard_size: in
     summary = {}
     for split, items in splits.items():
         records = [{"source": rel, "label": label, "split": split} for rel, label, _ in items]
+        # mix the classes across shards (a sorted list would give one-class shards, and one-class batches to any
+        # reader whose shuffle buffer is smaller than a shard); seeded, so keys are reproducible
+        random.Random(f"{seed}/{split}/shards").shuffle(records)
         tasks = plan_shards(out_path / split, split, records, shard_size, min_shards)
         stats = run_shard_tasks(tasks, maker, workers, desc=f"{spec.name}/{split}")
         summary[split] = finalize_split(out_path / split, stats)

@@ -1,6 +1,6 @@
 """The fine-tuning job's config: encoder, data, augmentation, training mode (plus run and optim from runtime)."""
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, Tuple
 
 from runtime.config import DebugConfig, OptimConfig, RunConfig
 
@@ -26,6 +26,7 @@ class FinetuneDataConfig:
 @dataclass
 class AugmentConfig:
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    crop_scale: Tuple[float, float] = (0.08, 1.0)    # RandomResizedCrop area range
     re_prob: float = 0.25               # random erasing
     mixup: float = 0.8
     cutmix: float = 1.0

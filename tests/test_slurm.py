@@ -113,3 +113,22 @@ def test_submitit(slurm, shards, tmp_path, local):
     assert ("local" if local else "slurm") in proc.stdout
     result = json.loads((out / "result.json").read_text())
     assert result["final_step"] == 10 and result["world_size"] == 2 and result["ranks_in_sync"]
+
+
+def test_sbatch_finetune(slurm, tmp_path):
+    from data_tools.folder import shard_folder
+    from data_tools.registry import REGISTRY
+    from data_tools.samples import ImageOptions
+    from image_data import make_class_tree
+    make_class_tree(tmp_path / "src", REGISTRY["Emotion6"].classes, per_class=12, size=36)
+    shard_folder("Emotion6", str(tmp_path / "src"), str(tmp_path / "shards"), shard_size=100, min_shards=1,
+                 options=ImageOptions(detector="none"))
+    out = tmp_path / "ft"
+    cmd = ["sbatch", "--parsable", f"--output={tmp_path / 'job.log'}", "--export=ALL,NPROC_PER_NODE=2",
+           "slurm/finetune.sh", "--config", "configs/finetune/tiny.yaml", "--dataset", "Emotion6", "--data",
+           str(tmp_path / "shards"), "--from-scratch", f"run.output_dir={out}", "train.epochs=2",
+           "data.batch_size=8", "data.num_workers=0"]
+    job = subprocess.run(cmd, cwd=REPO, env=slurm, capture_output=True, text=True, check=True).stdout.strip()
+    assert wait_for(slurm, job, {"COMPLETED"}) == "COMPLETED"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["dataset"] == "Emotion6" and len(metrics["history"]) == 2

@@ -1,0 +1,29 @@
+# The body of the sbatch scripts (sourced by pretrain.sh and finetune.sh, which set ENTRY): one torchrun per node
+# over all its GPUs, requeued at the time limit. Arguments are the trainer's, forwarded as they are.
+set -euo pipefail
+cd "${UNIEMOX_REPO:-$SLURM_SUBMIT_DIR}"
+PYTHON=${PYTHON:-.venv/bin/python}
+NPROC=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+echo "$(date +%T) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $NPROC" \
+     "processes, rendezvous $HEAD:$PORT, $ENTRY $*"
+
+# Slurm sends USR1 to this script ahead of the time limit: every process of the running step gets SIGTERM (the
+# trainers finish their step, write a checkpoint and exit; torchrun gives them 30 s), then the job is requeued.
+# (Killing srun instead would make Slurm cancel the step and SIGKILL the trainers.)
+requeue() {
+  echo "$(date +%T) USR1: asking the trainers to checkpoint, then requeueing job $SLURM_JOB_ID"
+  scancel --signal=TERM "$SLURM_JOB_ID" || true
+  wait "$STEP" || true
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+}
+trap requeue USR1
+
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 \
+  "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC" \
+    --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$PORT" \
+    "$ENTRY" "$@" &
+STEP=$!
+wait "$STEP"
