@@ -1,0 +1,100 @@
+"""`python -m finetune.export RUN --out FILE`: weights for timm users, as self-describing safetensors.
+
+A pretraining run gives the encoder (timm ViT names, no head); a fine-tuning run gives the classifier of its best
+epoch with its class names, task and evaluation transform. Either loads with timm:
+
+    meta = safe_open(FILE, "pt").metadata(); args = json.loads(meta["timm_model_args"])
+    timm.create_model("vit_base_patch16_224", pretrained=True,
+                      pretrained_cfg_overlay=dict(file=FILE, num_classes=int(meta["num_classes"])), **args)
+"""
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from finetune.encoder import read_encoder_source, to_timm_keys
+from pretrain.mae import MAEArch
+from runtime.checkpoint import CheckpointError
+
+TIMM_BASE = "vit_base_patch16_224"  # any timm ViT name works: the model arguments below define the architecture
+
+
+def timm_model_args(arch: MAEArch, img_size: Optional[int] = None) -> Dict[str, Any]:
+    return {"img_size": img_size or arch.img_size, "patch_size": arch.patch_size, "embed_dim": arch.embed_dim,
+            "depth": arch.depth, "num_heads": arch.num_heads, "mlp_ratio": arch.mlp_ratio, "qkv_bias": True,
+            "global_pool": "avg"}
+
+
+def _save(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+    return out
+
+
+def export_encoder(source: str, out: str, preset: str = "vit_b16") -> Path:
+    state, arch, kind = read_encoder_source(source, preset)
+    if kind == "finetune":
+        raise CheckpointError(f"{source} is a fine-tuning run: export it as a classifier (finetune.export picks that "
+                              f"for run directories with best.safetensors)")
+    meta = {"format": "uniemox-encoder", "source": str(source), "num_classes": "0",
+            "arch": json.dumps(dataclasses.asdict(arch)), "timm_model_args": json.dumps(timm_model_args(arch))}
+    return _save(to_timm_keys(state), meta, Path(out))
+
+
+def export_classifier(run_dir: str, out: str) -> Path:
+    """The best-validation weights of a fine-tuning run, with everything prediction needs."""
+    run = Path(run_dir)
+    best, metrics_file = run / "best.safetensors", run / "metrics.json"
+    if not best.is_file() or not metrics_file.is_file():
+        raise CheckpointError(f"{run} is not a finished fine-tuning run (best.safetensors and metrics.json needed)")
+    state = load_file(str(best))
+    _, arch, _ = read_encoder_source(str(run), "vit_b16")
+    metrics = json.loads(metrics_file.read_text())
+    import yaml
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    img_size = int(state["pos_embed"].shape[1] - 1) ** 0.5 * arch.patch_size
+    meta = {"format": "uniemox-classifier", "source": str(run), "num_classes": str(len(metrics["classes"])),
+            "classes": json.dumps(metrics["classes"]), "task": metrics["task"], "dataset": metrics["dataset"],
+            "arch": json.dumps(dataclasses.asdict(arch)),
+            "timm_model_args": json.dumps(timm_model_args(arch, int(img_size))),
+            "transform": json.dumps({"input_size": int(img_size), "crop_pct": cfg["aug"]["crop_pct"],
+                                     "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+                                     "std": [0.229, 0.224, 0.225]}),
+            "test_metrics": json.dumps({k: v for k, v in metrics["test"].items() if isinstance(v, float)})}
+    return _save(state, meta, Path(out))
+
+
+def read_export(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") not in ("uniemox-classifier", "uniemox-encoder"):
+            raise CheckpointError(f"{path} is not an export of this project (format {meta.get('format')!r})")
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a fine-tuning run (classifier) or a pretraining run/checkpoint/MAE file")
+    parser.add_argument("--out", required=True, help="the .safetensors file to write")
+    parser.add_argument("--preset", default="vit_b16", help="architecture of an official MAE .pth")
+    args = parser.parse_args(argv)
+    is_finetune_run = (Path(args.source) / "best.safetensors").is_file()
+    path = export_classifier(args.source, args.out) if is_finetune_run else \
+        export_encoder(args.source, args.out, args.preset)
+    meta = safe_open(str(path), "pt").metadata()
+    print(f"wrote {path} ({meta['format']}); timm: timm.create_model({TIMM_BASE!r}, pretrained=True, "
+          f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes={meta['num_classes']}), "
+          + ", ".join(f"{k}={v!r}" for k, v in json.loads(meta["timm_model_args"]).items()) + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
