@@ -1,6 +1,7 @@
 """The fine-tuning encoder: a timm VisionTransformer (global average pool + LayerNorm + head) loaded from our
 pretraining runs, their safetensors export, an official MAE checkpoint, or random init."""
 import dataclasses
+import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -17,7 +18,6 @@ from runtime.checkpoint import CheckpointError, check_schema, find_checkpoint, S
 
 log = logging.getLogger(__name__)
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
-HEAD_KEYS = ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
 
 
 def build_vit(arch: MAEArch, num_classes: int, img_size: Optional[int] = None, drop_path: float = 0.0
@@ -44,6 +44,8 @@ def read_encoder_source(source: str, preset: str) -> Tuple[Dict[str, torch.Tenso
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") in ("uniemox-encoder", "uniemox-classifier"):  # our exports carry their arch
+            return state, MAEArch(**json.loads(meta["arch"])), "export"
         if meta.get("format") == "uniemox-pretrain":
             types = {f.name: f.type for f in dataclasses.fields(MAEArch)}
             arch = MAEArch(**{k[5:]: (float if types[k[5:]] == "float" else int)(v)
@@ -85,14 +87,15 @@ def load_encoder(model: VisionTransformer, state: Dict[str, torch.Tensor], sourc
                   for k, v in state.items() if k in own and v.shape != own[k].shape]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    if mismatched or unexpected or missing != HEAD_KEYS:
+    head_keys = sorted(k for k in own if k.startswith(("fc_norm.", "head.")))  # no head.* when num_classes=0
+    if mismatched or unexpected or missing != head_keys:
         raise CheckpointError(
             f"{source} does not fit this encoder ({model.embed_dim} wide, {len(model.blocks)} blocks): "
             f"mismatched shapes {mismatched[:6]}{' ...' if len(mismatched) > 6 else ''}, unexpected keys "
-            f"{unexpected[:6]}, missing keys {[k for k in missing if k not in HEAD_KEYS][:6]} (expected only the "
-            f"head's {HEAD_KEYS}); is encoder.preset the checkpoint's architecture?")
+            f"{unexpected[:6]}, missing keys {[k for k in missing if k not in head_keys][:6]} (expected only the "
+            f"head's {head_keys}); is encoder.preset the checkpoint's architecture?")
     model.load_state_dict(state, strict=False)
-    log.info("encoder weights loaded from %s (%d tensors); new head: %s", source, len(state), HEAD_KEYS)
+    log.info("encoder weights loaded from %s (%d tensors); new head: %s", source, len(state), head_keys)
 
 
 def create_encoder(cfg, num_outputs: int) -> Tuple[VisionTransformer, MAEArch, str]:

@@ -46,29 +46,37 @@ def export_encoder(source: str, out: str, preset: str = "vit_b16") -> Path:
                               f"for run directories with best.safetensors)")
     meta = {"format": "uniemox-encoder", "source": str(source), "num_classes": "0",
             "arch": json.dumps(dataclasses.asdict(arch)), "timm_model_args": json.dumps(timm_model_args(arch))}
-    return _save(to_timm_keys(state), meta, Path(out))
+    tensors = to_timm_keys(state)
+    # the pooled-feature LayerNorm a fine-tuning model starts with (1, 0), so timm loads the file strictly
+    tensors["fc_norm.weight"], tensors["fc_norm.bias"] = torch.ones(arch.embed_dim), torch.zeros(arch.embed_dim)
+    return _save(tensors, meta, Path(out))
 
 
-def export_classifier(run_dir: str, out: str) -> Path:
-    """The best-validation weights of a fine-tuning run, with everything prediction needs."""
+def classifier_bundle(run_dir: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The best-validation weights of a fine-tuning run and the metadata prediction needs."""
     run = Path(run_dir)
     best, metrics_file = run / "best.safetensors", run / "metrics.json"
     if not best.is_file() or not metrics_file.is_file():
         raise CheckpointError(f"{run} is not a finished fine-tuning run (best.safetensors and metrics.json needed)")
+    import yaml
     state = load_file(str(best))
     _, arch, _ = read_encoder_source(str(run), "vit_b16")
     metrics = json.loads(metrics_file.read_text())
-    import yaml
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    img_size = int(state["pos_embed"].shape[1] - 1) ** 0.5 * arch.patch_size
+    img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * arch.patch_size
     meta = {"format": "uniemox-classifier", "source": str(run), "num_classes": str(len(metrics["classes"])),
             "classes": json.dumps(metrics["classes"]), "task": metrics["task"], "dataset": metrics["dataset"],
             "arch": json.dumps(dataclasses.asdict(arch)),
-            "timm_model_args": json.dumps(timm_model_args(arch, int(img_size))),
-            "transform": json.dumps({"input_size": int(img_size), "crop_pct": cfg["aug"]["crop_pct"],
+            "timm_model_args": json.dumps(timm_model_args(arch, img_size)),
+            "transform": json.dumps({"input_size": img_size, "crop_pct": cfg["aug"]["crop_pct"],
                                      "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
                                      "std": [0.229, 0.224, 0.225]}),
             "test_metrics": json.dumps({k: v for k, v in metrics["test"].items() if isinstance(v, float)})}
+    return state, meta
+
+
+def export_classifier(run_dir: str, out: str) -> Path:
+    state, meta = classifier_bundle(run_dir)
     return _save(state, meta, Path(out))
 
 

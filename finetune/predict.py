@@ -1,0 +1,204 @@
+"""`python -m finetune.predict --checkpoint RUN_OR_FILE IMAGES...`: emotions of new images, as CSV or JSONL.
+
+    python -m finetune.predict --checkpoint runs/ft_FI photos/ more/*.jpg shards/x/00000.tar --out preds.csv
+    python -m finetune.predict --zero-shot --labels plutchik24.txt --checkpoint runs/vit_l16 \
+        --teacher-checkpoint /models/clip_b16.bin photos/ --out preds.jsonl
+
+IMAGES are files, folders (searched recursively for image files), glob patterns or shards (.tar). The checkpoint
+is a fine-tuning run directory or a classifier exported by finetune.export; its own evaluation transform is used.
+One row per input: top-k labels with probabilities (sigmoid scores for multi-label heads, valence/arousal for
+regression heads), or the reason it could not be read.
+"""
+import argparse
+import csv
+import glob
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from timm.data import create_transform
+from tqdm import tqdm
+
+from data_tools.images import ImageError, decode_image, read_file
+from data_tools.splits import IMAGE_EXTENSIONS
+from data_tools.tars import read_tar
+from finetune.encoder import build_vit
+from pretrain.mae import MAEArch
+from runtime.checkpoint import CheckpointError
+
+log = logging.getLogger("finetune.predict")
+
+
+def iter_inputs(items: Sequence[str]) -> Iterator[Tuple[str, Optional[bytes], Optional[str]]]:
+    """(name, bytes or None, failure reason or None) for every input image; an input matching nothing is an
+    error naming it."""
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise FileNotFoundError(f"no images found under {path} (extensions: {sorted(IMAGE_EXTENSIONS)})")
+        elif path.suffix == ".tar" and path.is_file():
+            members, error = read_tar(path)
+            for key, member in members.items():
+                if "jpg" in member:
+                    yield f"{path}:{key}", member["jpg"], None
+            if error:
+                yield str(path), None, f"unreadable_tar: {error}"
+            continue
+        elif path.is_file():
+            files = [path]
+        else:
+            files = [Path(p) for p in sorted(glob.glob(item))]
+            if not files:
+                raise FileNotFoundError(f"no such file, folder or pattern: {item}")
+        for f in files:
+            try:
+                yield str(f), read_file(f), None
+            except ImageError as e:
+                yield str(f), None, e.reason
+
+
+class Predictor:
+    """A classifier with its class names, task and evaluation transform."""
+
+    def __init__(self, checkpoint: str):
+        from finetune.export import classifier_bundle, read_export
+        path = Path(checkpoint)
+        if path.is_dir() and (path / "best.safetensors").is_file():
+            state, meta = classifier_bundle(str(path))
+        elif path.suffix == ".safetensors" and path.is_file():
+            state, meta = read_export(str(path))
+        else:
+            raise CheckpointError(f"{checkpoint}: expected a fine-tuning run (with best.safetensors) or an exported "
+                                  f"classifier .safetensors; a pretraining checkpoint has no classification head "
+                                  f"(use --zero-shot --labels FILE)")
+        if meta["format"] != "uniemox-classifier" or "head.weight" not in state:
+            raise CheckpointError(f"{checkpoint} has no classification head (an encoder export): use --zero-shot "
+                                  f"--labels FILE with its pretraining run, or fine-tune it first")
+        self.classes: List[str] = json.loads(meta["classes"])
+        self.task = meta["task"]
+        tf = json.loads(meta["transform"])
+        arch = MAEArch(**json.loads(meta["arch"]))
+        self.model = build_vit(arch, len(self.classes), tf["input_size"])
+        self.model.load_state_dict(state)
+        self.model.eval()
+        self.transform = create_transform(tf["input_size"], is_training=False, interpolation=tf["interpolation"],
+                                          crop_pct=tf["crop_pct"], mean=tuple(tf["mean"]), std=tuple(tf["std"]))
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images).float()
+        if self.task == "single_label":
+            return out.softmax(-1)
+        return out.sigmoid() if self.task == "multi_label" else out
+
+
+class ZeroShotPredictor:
+    def __init__(self, checkpoint: str, labels_file: str, teacher_arch: Optional[str], teacher_checkpoint: str):
+        from finetune.zeroshot import ZeroShotEncoder, label_embeddings, read_labels
+        from pretrain.teacher import CLIPTeacher, IMAGENET_MEAN, IMAGENET_STD
+        from runtime.checkpoint import load_checkpoint
+        self.classes = read_labels(labels_file)
+        self.task = "single_label"
+        self.encoder = ZeroShotEncoder(checkpoint)
+        arch = teacher_arch or load_checkpoint(checkpoint)["config"]["teacher"]["arch"]
+        teacher = CLIPTeacher(arch, teacher_checkpoint)
+        self.text = label_embeddings(teacher, self.classes)
+        self.scale = teacher.logit_scale
+        self.transform = create_transform(self.encoder.img_size, is_training=False, interpolation="bicubic",
+                                          crop_pct=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.scale * self.encoder(images) @ self.text.T).softmax(-1)
+
+
+def predict(predictor, items: Sequence[str], topk: int = 3, batch_size: int = 32) -> List[Dict]:
+    rows: List[Dict] = []
+    pending: List[Tuple[str, torch.Tensor]] = []
+
+    def flush():
+        if not pending:
+            return
+        scores = predictor.scores(torch.stack([t for _, t in pending]))
+        for (name, _), s in zip(pending, scores):
+            row = {"input": name, "status": "ok", "reason": ""}
+            if predictor.task == "regression":
+                row.update({c: float(v) for c, v in zip(predictor.classes, s)})
+            else:
+                order = torch.argsort(s, descending=True)[:topk]
+                for rank, j in enumerate(order.tolist(), 1):
+                    row[f"label{rank}"], row[f"score{rank}"] = predictor.classes[j], float(s[j])
+                if predictor.task == "single_label":
+                    row["probabilities"] = {c: float(v) for c, v in zip(predictor.classes, s)}
+            rows.append(row)
+        pending.clear()
+    for name, data, reason in tqdm(iter_inputs(items), desc="predict", unit="img"):
+        if data is None:
+            rows.append({"input": name, "status": "failed", "reason": reason})
+            continue
+        try:
+            image = decode_image(data)
+        except ImageError as e:
+            rows.append({"input": name, "status": "failed", "reason": f"{e.reason}: {e}"})
+            continue
+        pending.append((name, predictor.transform(image)))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    return rows
+
+
+def write_rows(rows: List[Dict], out: Optional[str]) -> None:
+    if out and out.endswith(".jsonl"):
+        Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return
+    fields: List[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields and k != "probabilities"]
+    buf = io.StringIO() if out else sys.stdout
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    if out:
+        Path(out).write_text(buf.getvalue())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--out", help=".csv or .jsonl (default: CSV on standard output)")
+    parser.add_argument("--topk", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--zero-shot", action="store_true", help="rank --labels by the distilled CLIP embedding")
+    parser.add_argument("--labels", help="zero-shot label vocabulary: one label per line")
+    parser.add_argument("--teacher-arch", help="zero-shot: the teacher (default: the run's)")
+    parser.add_argument("--teacher-checkpoint", help="zero-shot: the CLIP weights file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.zero_shot:
+            if not args.labels or not args.teacher_checkpoint:
+                raise ValueError("--zero-shot needs --labels FILE and --teacher-checkpoint FILE")
+            predictor = ZeroShotPredictor(args.checkpoint, args.labels, args.teacher_arch, args.teacher_checkpoint)
+        else:
+            predictor = Predictor(args.checkpoint)
+        rows = predict(predictor, args.images, args.topk, args.batch_size)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_rows(rows, args.out)
+    failed = sum(r["status"] != "ok" for r in rows)
+    log.info("%d inputs, %d predicted, %d failed%s", len(rows), len(rows) - failed, failed,
+             f" -> {args.out}" if args.out else "")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
