@@ -99,7 +99,7 @@ def main() -> None:
               "rows": rows, "command": " ".join(sys.argv)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"loader: WebDataset/ImageFolder ratio " + ", ".join(f"{r['workers']}w {r['ratio']:.2f}" for r in rows)
+    print("loader: WebDataset/ImageFolder ratio " + ", ".join(f"{r['workers']}w {r['ratio']:.2f}" for r in rows)
           + f" -> {args.out}")
 
 

@@ -40,10 +40,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if cfg.train.mode == "linear_probe":
             from finetune.linear_probe import LinearProbe
-            outcome = LinearProbe(cfg).run()
+            LinearProbe(cfg).run()
         else:
             from finetune.engine import Finetuning
-            outcome = Finetuning(cfg).run()
+            Finetuning(cfg).run()
     except (UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
         log.error("%s: %s", type(e).__name__, e)
         return 3

@@ -37,6 +37,16 @@ def run_torchrun(nproc: int, target: str, *args: str, timeout: float = 300,
     return proc
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and all its descendants at once (torchrun starts each worker in a session of its own)."""
+    import psutil
+    parent = psutil.Process(pid)
+    procs = [parent, *parent.children(recursive=True)]
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import webdataset as wds
@@ -26,7 +25,7 @@ from pretrain.model import UniEmoXPretrainer
 from runtime.checkpoint import CheckpointError, CheckpointStore, load_checkpoint
 from runtime.config import load_config
 
-from conftest import REPO, clean_env, run_torchrun, torchrun_cmd
+from conftest import REPO, clean_env, kill_tree, run_torchrun, torchrun_cmd
 from image_data import jpeg_bytes, make_class_tree, photo_crop
 from test_mae import official_state_dict
 
@@ -77,11 +76,7 @@ def test_kill9_then_resume_ends_at_the_same_step(emotion6, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and (store.latest() is None or load_checkpoint(store.latest())["step"] < 3):
         time.sleep(0.1)
-    parent = psutil.Process(proc.pid)
-    procs = [parent, *parent.children(recursive=True)]
-    for p in procs:
-        p.kill()
-    psutil.wait_procs(procs, timeout=30)
+    kill_tree(proc.pid)
     killed_at = load_checkpoint(out)["step"]
     run_torchrun(2, *args)
     metrics = json.loads((out / "metrics.json").read_text())

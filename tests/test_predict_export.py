@@ -2,7 +2,6 @@
 import csv
 import json
 
-import numpy as np
 import pytest
 import timm
 import torch

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from runtime.checkpoint import CheckpointStore, load_checkpoint
 
-from conftest import REPO, clean_env, run_torchrun, torchrun_cmd
+from conftest import REPO, clean_env, kill_tree, run_torchrun, torchrun_cmd
 from pretrain_fixtures import make_pretrain_shards, pretrain_args
 
 
@@ -88,14 +88,6 @@ def test_deepspeed_zero(shards, tmp_path, stage):
         assert result(out)["resumed_from_step"] == 10 and result(out)["final_step"] == 20
 
 
-def kill_tree(proc):
-    parent = psutil.Process(proc.pid)
-    procs = [parent, *parent.children(recursive=True)]
-    for p in procs:
-        p.kill()
-    psutil.wait_procs(procs, timeout=30)
-
-
 def start_and_wait_for_checkpoint(shards, out, min_step, *extra):
     proc = subprocess.Popen(torchrun_cmd(2, *pretrain_args(shards, out, "debug.step_sleep_s=0.3", *extra)),
                             cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -113,7 +105,7 @@ def start_and_wait_for_checkpoint(shards, out, min_step, *extra):
 def test_kill9_then_resume(shards, tmp_path):
     out = tmp_path / "killed"
     proc = start_and_wait_for_checkpoint(shards, out, 5)
-    kill_tree(proc)
+    kill_tree(proc.pid)
     killed_at = load_checkpoint(out)["step"]
     assert 5 <= killed_at < 20
     for step, path in CheckpointStore(out / "checkpoints").checkpoints():

@@ -1,5 +1,4 @@
 """The shard reader: exactly-once plain epochs across ranks and workers, seeded resampling, corrupt samples."""
-import io
 import json
 import tarfile
 from collections import Counter

@@ -3,7 +3,6 @@ import json
 import subprocess
 import time
 
-import psutil
 import pytest
 import torch
 import yaml
@@ -11,18 +10,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from runtime.checkpoint import CheckpointStore, load_checkpoint
 
-from conftest import REPO, clean_env, run_torchrun, torchrun_cmd
+from conftest import REPO, clean_env, kill_tree, run_torchrun, torchrun_cmd
 
 ARGS = ["--config", "configs/smoke.yaml"]
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and its workers at once (torchrun starts each worker in a session of its own)."""
-    parent = psutil.Process(pid)
-    procs = [parent, *parent.children(recursive=True)]
-    for p in procs:
-        p.kill()
-    psutil.wait_procs(procs, timeout=30)
 
 
 @pytest.fixture(scope="module")
