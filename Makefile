@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv debs test demo clean
+.PHONY: venv debs test demo bench clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,12 @@ demo: $(STAMP) debs
 		--labels pretrained from-scratch --out $(DEMO_DIR)/results.md
 	@echo "== done: shards in $(DEMO_DIR)/shards/fashion, runs in $(DEMO_DIR)/{pretrain,finetune_*}, table in $(DEMO_DIR)/results.md"
 	@echo "   view them with: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR) --host 127.0.0.1"
+
+# Speed measurements (never part of `make test`): JSON under bench/results/, summaries on the console.
+bench: $(STAMP)
+	$(PY) bench/loader.py
+	$(PY) bench/pretrain_throughput.py
+	$(PY) bench/mae_step.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
