@@ -12,9 +12,10 @@ def reconstruction_grid(mae: MaskedAutoencoderViT, images: torch.Tensor, noise: 
     """A CHW image in [0, 1]: one row per sample, columns original | masked | reconstruction."""
     was_training = mae.training
     mae.eval()
-    images = images.float()
-    latent, mask, ids_restore = mae.forward_encoder(images, mask_ratio, noise)
+    dtype = mae.patch_embed.proj.weight.dtype  # bf16 under DeepSpeed's bf16 mode
+    latent, mask, ids_restore = mae.forward_encoder(images.to(dtype), mask_ratio, noise)
     pred = mae.forward_decoder(latent, ids_restore).float()
+    images, mask = images.float(), mask.float()
     if mae.norm_pix_loss:  # predictions are per-patch normalised: undo with the target's statistics
         target = mae.patchify(images)
         pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)

@@ -132,3 +132,19 @@ def test_presets():
     assert get_arch("vit_h14").patch_size == 14 and get_arch("vit_b16", img_size=128).img_size == 128
     with pytest.raises(ValueError, match="unknown model preset 'vit_x'; choose one of tiny, vit_b16"):
         get_arch("vit_x")
+
+
+def test_reconstruction_grid_keeps_visible_patches_and_runs_in_bf16():
+    from pretrain.visualize import reconstruction_grid
+    torch.manual_seed(0)
+    model = MaskedAutoencoderViT(ARCH)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    grid = reconstruction_grid(model, imgs, noise, 0.75)
+    assert grid.shape == (3, 2 * 33 + 1, 3 * 33 + 1)
+    original, pasted = grid[:, 1:33, 1:33], grid[:, 1:33, 67:99]  # first row: columns 1 and 3
+    keep = noise[0].argsort()[:4]  # the visible patches of sample 0, pasted back unchanged
+    for k in keep.tolist():
+        r, c = divmod(k, 4)
+        patch = (slice(None), slice(8 * r, 8 * r + 8), slice(8 * c, 8 * c + 8))
+        assert torch.allclose(pasted[patch], original[patch], atol=1e-6)
+    assert reconstruction_grid(model.to(torch.bfloat16), imgs, noise, 0.75).shape == grid.shape
