@@ -91,7 +91,15 @@ def test_sbatch_requeue_resumes(slurm, shards, tmp_path):
     stopped = json.loads((out / "result.json").read_text())
     assert stopped["stopped_by_signal"] == "SIGTERM" and stopped["final_step"] < 20
     assert load_checkpoint(out)["step"] == stopped["final_step"]
-    # a requeued job waits ~2 minutes before it is eligible again; as the admin we let it start now
+    # a requeued job waits ~2 minutes before it is eligible again, so that slurmd has cleaned up the old
+    # instance (its credential is revoked); as the admin we let it start as soon as the node is idle
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        node = subprocess.run(["sinfo", "-h", "-o", "%T"], env=slurm, capture_output=True, text=True).stdout.strip()
+        if node == "idle":
+            break
+        time.sleep(0.5)
+    time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
     assert wait_for(slurm, job, {"COMPLETED"}) == "COMPLETED"
     result = json.loads((out / "result.json").read_text())
