@@ -1,7 +1,6 @@
 """Fine-tuning entry point: `torchrun finetune/main.py --dataset FI --checkpoint runs/pre [key=value ...]`."""
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -54,10 +53,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        status = main()
-    except BaseException:  # report it, then leave at once: Python's exit would wait on data-loader workers
-        log.exception("fine-tuning failed")
-        logging.shutdown()
-        os._exit(1)
-    raise SystemExit(status)
+    from runtime.loop import run_as_script
+    run_as_script(main, "fine-tuning")

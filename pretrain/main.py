@@ -1,6 +1,5 @@
 """Pretraining entry point: `torchrun pretrain/main.py --config FILE key=value ...` (or python -m pretrain.main)."""
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -40,10 +39,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        status = main()
-    except BaseException:  # report it, then leave at once: Python's exit would wait on data-loader workers
-        log.exception("pretraining failed")
-        logging.shutdown()
-        os._exit(1)
-    raise SystemExit(status)
+    from runtime.loop import run_as_script
+    run_as_script(main, "pretraining")

@@ -21,6 +21,18 @@ log = logging.getLogger(__name__)
 Forward = Callable[[torch.nn.Module, Dict[str, Any]], Tuple[torch.Tensor, Dict[str, torch.Tensor], Any]]
 
 
+def run_as_script(main: Callable[[], int], what: str) -> None:
+    """A trainer's `__main__`: exit with main()'s status; on an unexpected error, log it and leave at once
+    (Python's normal exit would wait on data-loader workers that no one told to stop)."""
+    try:
+        status = main()
+    except BaseException:
+        logging.getLogger(what).exception("%s failed", what)
+        logging.shutdown()
+        os._exit(1)
+    raise SystemExit(status)
+
+
 def prepare_run(run_dir: Path, store: CheckpointStore, cfg: Any, env: distributed.DistEnv, **meta: Any) -> None:
     """Rank 0 removes half-written checkpoints and records config and provenance; everyone waits for it."""
     if env.is_main:
