@@ -15,14 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from sklearn.datasets import load_sample_images
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.photos import make_images  # noqa: E402
 from data_tools.folder import shard_folder  # noqa: E402
 from data_tools.reader import make_loader  # noqa: E402
 from data_tools.samples import ImageOptions  # noqa: E402
@@ -37,19 +35,6 @@ TRANSFORM = transforms.Compose([
 
 def wds_transform(sample):
     return {"image": TRANSFORM(sample["image"]), "label": sample["meta"]["label"]}
-
-
-def make_images(root: Path, n: int, classes: int = 4) -> None:
-    """n photo crops of 256-400 px (scikit-learn's two bundled photos), JPEG quality 90, in class folders."""
-    photos = [np.asarray(p) for p in load_sample_images().images]
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        photo = photos[i % 2]
-        side = int(rng.integers(256, 400))
-        y, x = int(rng.integers(0, photo.shape[0] - side + 1)), int(rng.integers(0, photo.shape[1] - side + 1))
-        folder = root / f"class{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(photo[y:y + side, x:x + side]).save(folder / f"{i:05d}.jpg", quality=90)
 
 
 def one_pass(loader) -> float:

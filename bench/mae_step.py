@@ -1,10 +1,15 @@
-"""Step throughput against the plain MAE recipe: a reference MAE step written from the paper vs our MAE-only step
-vs our full step (both branches + fusion + distillation) with a cached and with a live teacher.
+"""Step throughput and MFU against the plain MAE recipe: a reference MAE step written from the paper vs our MAE-only
+step vs our full step (both branches + fusion + distillation) with a cached teacher, with a live teacher, and with
+a live teacher plus a person detector run inline on every image (the reference code's way).
 
-    python bench/mae_step.py [--presets tiny vit_b16] [--repeats 3] [--out bench/results/mae_step.json]
+    python bench/mae_step.py [--presets tiny vit_b16 vit_l16] [--repeats 3] [--out bench/results/mae_step.json]
 
-Same batch, same threads, one process; the variants run in alternation (A B C D A B C D ...) and the median step
-time of each is reported, so the ratios hold on a noisy machine. Steps are forward + backward + AdamW.
+Same batch, same threads, one process; the variants run in alternation (A B C D E A B C D E ...) and the median
+step time of each is reported, so the ratios hold on a noisy machine. Steps are forward + backward + AdamW.
+MFU = FLOPs per step (torch.utils.flop_counter: 3x the forward of what trains, 1x the frozen teacher) / step time /
+peak, the peak being the best fp32 TFLOP/s of a 2048^3 matmul measured in the same run (on a GPU: same, in the
+run's dtype). The inline detector is ours (HOG people, Haar face fallback; OpenCV) on scikit-learn's two bundled
+photos (640x427), each image detected, cropped at its box and resized to the model's input.
 """
 import argparse
 import json
@@ -16,6 +21,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from PIL import Image
+from sklearn.datasets import load_sample_images
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -23,12 +30,16 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from data_tools.detect import detect_person, make_detector  # noqa: E402
 from pretrain.config import LossConfig, ModelConfig, TeacherConfig  # noqa: E402
 from pretrain.mae import MaskedAutoencoderViT, get_arch  # noqa: E402
 from pretrain.model import UniEmoXPretrainer  # noqa: E402
+from pretrain.data import crop_box, train_view  # noqa: E402
 from pretrain.teacher import CLIPTeacher  # noqa: E402
+from runtime.flops import measure_matmul_tflops, training_step_flops  # noqa: E402
 
-SETTINGS = {"tiny": ("configs/teacher/tiny-clip.json", 32), "vit_b16": ("ViT-B-16", 8), "vit_l16": ("ViT-B-16", 4)}
+SETTINGS = {"tiny": ("configs/teacher/tiny-clip.json", 32, 3), "vit_b16": ("ViT-B-16", 8, 3),
+            "vit_l16": ("ViT-B-16", 4, 2)}  # preset -> (teacher, batch, at most this many timed repeats)
 
 
 class ReferenceMAE(nn.Module):
@@ -83,27 +94,45 @@ class ReferenceMAE(nn.Module):
         return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
 
 
-def make_step(model, loss_fn):
+def make_step(model, loss_fn, before=None):
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
 
     def step():
-        loss = loss_fn()
+        extra = before() if before else {}
+        loss = loss_fn(**extra)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
     return step
 
 
+def inline_person_crops(batch: int, size: int):
+    """What a step that detects people inline does before its model step: detect, crop at the box, resize."""
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    detector, view = make_detector("hog+face"), train_view(size, (0.2, 1.0))
+
+    def crops():
+        views = []
+        for i in range(batch):
+            box, _, _ = detect_person(detector, photos[i % len(photos)])
+            views.append(view(crop_box(photos[i % len(photos)], box)))
+        return {"person": torch.stack(views)}
+    return crops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["tiny", "vit_b16"])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "vit_b16", "vit_l16"], choices=SETTINGS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--out", default="bench/results/mae_step.json")
     args = parser.parse_args()
+    peak = measure_matmul_tflops()
+    print(f"measured peak: {peak * 1e3:.1f} GFLOP/s (fp32 matmul, {torch.get_num_threads()} threads)", flush=True)
     rows = []
     for preset in args.presets:
-        teacher_arch, batch = SETTINGS[preset]
+        teacher_arch, batch, max_repeats = SETTINGS[preset]
+        repeats = min(args.repeats, max_repeats)
         arch = get_arch(preset)
         torch.manual_seed(0)
         imgs = torch.randn(batch, 3, arch.img_size, arch.img_size)
@@ -119,32 +148,44 @@ def main() -> None:
         full_live = UniEmoXPretrainer(model_cfg, LossConfig(), TeacherConfig(checkpoint="random", arch=teacher.arch),
                                       teacher)
         reference = ReferenceMAE(arch, args.mask_ratio)
-        variants = {
-            "reference_mae": make_step(reference, lambda: reference(imgs)),
-            "ours_mae_only": make_step(ours_mae, lambda: ours_mae(imgs, args.mask_ratio)[0]),
-            "ours_full_cached": make_step(full_cached, lambda: full_cached(
-                {"image": imgs, "person": person, "clip_image": clip_image, "clip_text": clip_text}).loss),
-            "ours_full_live": make_step(full_live, lambda: full_live(
-                {"image": imgs, "person": person, "text": tokens}).loss),
+        cached_batch = {"image": imgs, "person": person, "clip_image": clip_image, "clip_text": clip_text}
+        live_batch = {"image": imgs, "person": person, "text": tokens}
+        forwards = {  # name -> (trained forward, frozen forward or None, model)
+            "reference_mae": (lambda: reference(imgs), None, reference),
+            "ours_mae_only": (lambda: ours_mae(imgs, args.mask_ratio)[0], None, ours_mae),
+            "ours_full_cached": (lambda: full_cached(cached_batch).loss, None, full_cached),
+            "ours_full_live": (lambda: full_live(live_batch).loss,
+                               lambda: (teacher.encode_image(imgs), teacher.encode_text(tokens)), full_live),
         }
+        flops = {name: training_step_flops(fwd, frozen) for name, (fwd, frozen, _) in forwards.items()}
+        flops["ours_full_live_inline_detector"] = flops["ours_full_live"]  # the detector's work is not matmuls
+        variants = {name: make_step(model, lambda fwd=fwd: fwd()) for name, (fwd, _, model) in forwards.items()}
+        variants["ours_full_live_inline_detector"] = make_step(
+            full_live, lambda person: full_live({**live_batch, "person": person}).loss,
+            before=inline_person_crops(batch, arch.img_size))
         times = {k: [] for k in variants}
         for name, step in variants.items():
             step()  # warm-up
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for name, step in variants.items():  # alternate, so drifts hit every variant alike
                 t0 = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - t0)
-        img_s = {k: batch / statistics.median(v) for k, v in times.items()}
-        row = {"preset": preset, "batch": batch, "img_per_s": img_s,
+        step_s = {k: statistics.median(v) for k, v in times.items()}
+        img_s = {k: batch / v for k, v in step_s.items()}
+        mfu = {k: flops[k] / step_s[k] / (peak * 1e12) for k in variants}
+        row = {"preset": preset, "batch": batch, "repeats": repeats, "img_per_s": img_s,
+               "gflops_per_step": {k: v / 1e9 for k, v in flops.items()}, "mfu": mfu,
                "ratios": {"ours_mae_only / reference": img_s["ours_mae_only"] / img_s["reference_mae"],
                           "full_cached / ours_mae_only": img_s["ours_full_cached"] / img_s["ours_mae_only"],
-                          "full_cached / full_live": img_s["ours_full_cached"] / img_s["ours_full_live"]}}
+                          "full_cached / full_live": img_s["ours_full_cached"] / img_s["ours_full_live"],
+                          "full_cached / full_live_inline_detector":
+                              img_s["ours_full_cached"] / img_s["ours_full_live_inline_detector"]}}
         rows.append(row)
-        print(f"{preset}: " + ", ".join(f"{k} {v:.2f} img/s" for k, v in img_s.items()) + " | "
+        print(f"{preset}: " + ", ".join(f"{k} {v:.2f} img/s (MFU {mfu[k]:.1%})" for k, v in img_s.items()) + " | "
               + ", ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items()), flush=True)
     result = {"bench": "mae_step", "threads": torch.get_num_threads(), "mask_ratio": args.mask_ratio,
-              "repeats": args.repeats, "python": platform.python_version(), "torch": torch.__version__,
+              "peak_tflops_measured": peak, "python": platform.python_version(), "torch": torch.__version__,
               "rows": rows, "command": " ".join(sys.argv)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,15 +1,19 @@
-"""Pretraining step throughput (img/s): tiny and ViT-B/16 students, live vs cached teacher, 1 vs 2 processes.
+"""Pretraining step throughput (img/s) and peak memory: students, live vs cached teacher, 1 vs 2 processes,
+DDP vs DeepSpeed ZeRO-1/2.
 
-    python bench/pretrain_throughput.py [--presets tiny vit_b16] [--procs 1 2] [--out bench/results/pretrain.json]
+    python bench/pretrain_throughput.py [--presets tiny vit_b16] [--procs 1 2] [--teachers live cached]
+        [--strategies ddp zero1 zero2] [--out bench/results/pretrain_throughput.json]
 
 Each configuration runs under torchrun (DDP, gloo on CPU / NCCL on GPU) on synthetic batches of the model's input
 size, so the figure is the model step alone (forward of both branches, teacher, losses, backward, AdamW step);
 data loading is measured by bench/loader.py. Teachers have random weights of the real architecture (tiny-clip for
-the tiny student, open_clip ViT-B-16 for ViT-B/16). Reported: median img/s over the timed steps, all ranks.
+the tiny student, open_clip ViT-B-16 for ViT-B/16). Reported: median img/s over the timed steps, summed over
+ranks, and each rank's peak resident memory (ru_maxrss: model, optimizer state, activations, libraries).
 """
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,27 +29,32 @@ SETTINGS = {  # preset -> (teacher arch, batch per rank, timed steps)
     "vit_b16": ("ViT-B-16", 4, 3),
     "vit_l16": ("ViT-B-16", 2, 2),
 }
+STRATEGIES = {"ddp": ("ddp", None), "zero1": ("deepspeed", "configs/deepspeed/zero1.json"),
+              "zero2": ("deepspeed", "configs/deepspeed/zero2.json")}
 
 
-def worker(preset: str, cached: bool, batch: int, steps: int, out: str) -> None:
+def worker(spec: dict, out: str) -> None:
     import torch
     from pretrain.config import LossConfig, ModelConfig, TeacherConfig
     from pretrain.model import UniEmoXPretrainer
     from pretrain.teacher import CLIPTeacher
     from runtime import distributed
     from runtime.precision import autocast, resolve_precision
-    from runtime.strategy import DDPStrategy
+    from runtime.strategy import make_strategy
 
     env = distributed.init_distributed(distributed.resolve_env())
     device = distributed.default_device(env)
     precision = resolve_precision("auto", device)
-    arch, _, _ = SETTINGS[preset]
+    arch, _, _ = SETTINGS[spec["preset"]]
+    batch, cached = spec["batch"], spec["cached"]
     torch.manual_seed(0)
     teacher = CLIPTeacher(arch, "random").to(device)
     tcfg = TeacherConfig(checkpoint="random", arch=arch, cached=cached)
-    model = UniEmoXPretrainer(ModelConfig(preset=preset), LossConfig(), tcfg, None if cached else teacher)
+    model = UniEmoXPretrainer(ModelConfig(preset=spec["preset"]), LossConfig(), tcfg, None if cached else teacher)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
-    strategy = DDPStrategy(model, optim, device)
+    name, ds_config = STRATEGIES[spec["strategy"]]
+    strategy = make_strategy(name, model, optim, device, deepspeed_config=ds_config and str(REPO / ds_config),
+                             batch_per_rank=batch, precision=precision)
     size = model.mae.arch.img_size
     batch_data = {"image": torch.randn(batch, 3, size, size, device=device),
                   "person": torch.randn(batch, 3, size, size, device=device),
@@ -54,7 +63,7 @@ def worker(preset: str, cached: bool, batch: int, steps: int, out: str) -> None:
         batch_data["clip_image"] = torch.nn.functional.normalize(torch.randn(batch, teacher.embed_dim), dim=-1).to(device)
         batch_data["clip_text"] = torch.nn.functional.normalize(torch.randn(batch, teacher.embed_dim), dim=-1).to(device)
     times = []
-    for i in range(steps + 1):  # the first step warms up
+    for i in range(spec["steps"] + 1):  # the first step warms up
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -66,26 +75,28 @@ def worker(preset: str, cached: bool, batch: int, steps: int, out: str) -> None:
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t0)
-    per_rank = [batch / t for t in times]
-    gathered = distributed.all_gather_object(statistics.median(per_rank))
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    gathered = distributed.all_gather_object((statistics.median(batch / t for t in times), rss_mib))
     if env.is_main:
-        Path(out).write_text(json.dumps({"img_per_s": sum(gathered), "per_rank": gathered,
-                                         "step_s_median": statistics.median(times), "device": str(device),
-                                         "precision": precision, "threads": torch.get_num_threads()}))
+        Path(out).write_text(json.dumps({
+            "img_per_s": sum(g[0] for g in gathered), "per_rank": [g[0] for g in gathered],
+            "peak_rss_mib_per_rank": [round(g[1]) for g in gathered], "step_s_median": statistics.median(times),
+            "device": str(device), "precision": precision, "threads": torch.get_num_threads()}))
+    distributed.barrier()
     distributed.shutdown()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["tiny", "vit_b16"])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "vit_b16"], choices=SETTINGS)
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--teachers", nargs="+", default=["live", "cached"])
+    parser.add_argument("--teachers", nargs="+", default=["live", "cached"], choices=["live", "cached"])
+    parser.add_argument("--strategies", nargs="+", default=["ddp"], choices=STRATEGIES)
     parser.add_argument("--out", default="bench/results/pretrain_throughput.json")
-    parser.add_argument("--worker", nargs=5, metavar=("PRESET", "CACHED", "BATCH", "STEPS", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("SPEC_JSON", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        preset, cached, batch, steps, out = args.worker
-        worker(preset, cached == "1", int(batch), int(steps), out)
+        worker(json.loads(args.worker[0]), args.worker[1])
         return
     rows = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -93,19 +104,24 @@ def main() -> None:
     for preset in args.presets:
         _, batch, steps = SETTINGS[preset]
         for teacher in args.teachers:
-            for nproc in args.procs:
-                with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           __file__, "--worker", preset, "1" if teacher == "cached" else "0", str(batch), str(steps),
-                           tmp.name]
-                    run_env = {**env, "OMP_NUM_THREADS": str(max(1, cores // nproc))}  # same cores in both cases
-                    subprocess.run(cmd, check=True, env=run_env, cwd=REPO, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-                    row = {"preset": preset, "teacher": teacher, "procs": nproc, "batch_per_rank": batch,
-                           **json.loads(Path(tmp.name).read_text())}
-                rows.append(row)
-                print(f"{preset:8s} {teacher:6s} {nproc} proc: {row['img_per_s']:.2f} img/s "
-                      f"({row['step_s_median']:.3f} s/step, {row['threads']} threads/rank, {row['device']})", flush=True)
+            for strategy in args.strategies:
+                for nproc in args.procs:
+                    spec = {"preset": preset, "cached": teacher == "cached", "batch": batch, "steps": steps,
+                            "strategy": strategy}
+                    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={nproc}", __file__, "--worker", json.dumps(spec), tmp.name]
+                        run_env = {**env, "OMP_NUM_THREADS": str(max(1, cores // nproc))}  # same cores in both cases
+                        done = subprocess.run(cmd, env=run_env, cwd=REPO, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True)
+                        if done.returncode:
+                            sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}")
+                        row = {"preset": preset, "teacher": teacher, "strategy": strategy, "procs": nproc,
+                               "batch_per_rank": batch, **json.loads(Path(tmp.name).read_text())}
+                    rows.append(row)
+                    print(f"{preset:8s} {teacher:6s} {strategy:5s} {nproc} proc: {row['img_per_s']:.2f} img/s "
+                          f"({row['step_s_median']:.3f} s/step, {row['threads']} threads/rank, peak RSS "
+                          f"{max(row['peak_rss_mib_per_rank'])} MiB/rank, {row['device']})", flush=True)
     result = {"bench": "pretrain_throughput", "rows": rows, "cores": cores, "command": " ".join(sys.argv)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

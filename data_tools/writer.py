@@ -52,13 +52,18 @@ def shard_complete(task: ShardTask) -> bool:
         return False
 
 
+SHARD_MTIME = 1_700_000_000  # 2023-11-14, any whole second will do
+
+
 @contextlib.contextmanager
 def atomic_tar(path: Path) -> Iterator[wds.TarWriter]:
     """A TarWriter on a hidden partial file, flushed and renamed to `path` only when the block ends cleanly."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     with open(partial, "wb") as stream:
-        writer = wds.TarWriter(stream)
+        # A whole-second mtime: webdataset's default (time.time(), a float) makes tarfile add a PAX header to every
+        # member, which doubles the headers the reader parses. Fixed, so rewriting a shard gives the same bytes.
+        writer = wds.TarWriter(stream, mtime=SHARD_MTIME)
         yield writer
         writer.close()  # closes `stream` too
     with open(partial, "rb") as f:

@@ -28,6 +28,7 @@ from runtime.config import config_to_yaml, scaled_lr
 from runtime.guard import StepGuard
 from runtime.loop import inject_faults, optimizer_step, prepare_run, resume_run, save_run
 from runtime.metric_logger import MetricLogger
+from runtime.optim import adamw
 from runtime.precision import autocast, resolve_precision
 from runtime.schedule import warmup_cosine_lr
 from runtime.seeding import seed_everything
@@ -101,7 +102,7 @@ class Finetuning:
         cfg.optim.lr = scaled_lr(cfg.optim, batch, world)
         groups = param_groups_layer_decay(model, cfg.optim.weight_decay, model.no_weight_decay(),
                                           layer_decay=cfg.train.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+        optimizer = adamw(groups, cfg.optim)
         self.strategy = DDPStrategy(model, optimizer, self.device, cfg.optim.accum_steps, cfg.optim.clip_grad)
         mixup_on = self.task == "single_label" and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
         self.mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, label_smoothing=cfg.aug.smoothing,

@@ -22,6 +22,7 @@ from runtime.config import config_to_yaml, scaled_lr
 from runtime.flops import device_peak_tflops, training_step_flops
 from runtime.guard import StepGuard
 from runtime.metric_logger import MetricLogger
+from runtime.optim import adamw
 from runtime.precision import autocast, resolve_precision
 from runtime.schedule import warmup_cosine_lr
 from runtime.loop import inject_faults, optimizer_step, prepare_run, resume_run, save_run
@@ -73,7 +74,7 @@ class Pretraining:
         if teacher is not None:
             teacher.to(self.device)
         groups = param_groups_weight_decay(self.model, cfg.optim.weight_decay, NO_WEIGHT_DECAY)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+        optimizer = adamw(groups, cfg.optim)
         self.strategy = make_strategy(cfg.train.strategy, self.model, optimizer, self.device, cfg.optim.accum_steps,
                                       cfg.optim.clip_grad, cfg.train.deepspeed_config, batch, self.precision)
         self.input_dtype = torch.bfloat16 if cfg.train.strategy == "deepspeed" and self.precision == "bf16" else None

@@ -1,4 +1,5 @@
 """FLOPs of a training step, counted once at start-up (torch.utils.flop_counter), for the MFU estimate."""
+import time
 from typing import Callable, Optional
 
 import torch
@@ -21,6 +22,23 @@ def training_step_flops(student_forward: Callable[[], object], frozen_forward: O
     total = count_flops(student_forward)
     frozen = count_flops(frozen_forward) if frozen_forward is not None else 0
     return 3 * (total - frozen) + frozen
+
+
+def measure_matmul_tflops(device: torch.device = torch.device("cpu"), n: int = 2048, repeats: int = 5,
+                          dtype: torch.dtype = torch.float32) -> float:
+    """Best TFLOP/s of an n x n matmul on this device and thread count: the practical peak for MFU where no
+    vendor figure applies (a CPU)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e12
 
 
 def device_peak_tflops(device: torch.device, configured: Optional[float]) -> Optional[float]:

@@ -22,6 +22,7 @@ from runtime.checkpoint import CheckpointStore, decide_resume
 from runtime.config import OptimConfig, RunConfig, config_to_dict, config_to_yaml, parse_cli, scaled_lr, \
     write_run_metadata
 from runtime.metric_logger import MetricLogger
+from runtime.optim import adamw
 from runtime.schedule import warmup_cosine_lr
 from runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
 from runtime.strategy import DDPStrategy
@@ -57,8 +58,7 @@ def train(cfg: SmokeConfig) -> Dict[str, object]:
     seed_everything(cfg.run.seed)
     model = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.dim))
     cfg.optim.lr = scaled_lr(cfg.optim, cfg.batch_size, env.world_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = adamw(model.parameters(), cfg.optim)
     strategy = DDPStrategy(model, optimizer, device, cfg.optim.accum_steps, cfg.optim.clip_grad)
     store = CheckpointStore(run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every)
     if env.is_main:

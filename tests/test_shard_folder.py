@@ -118,6 +118,13 @@ def test_splits_are_reproducible_from_the_seed(tmp_path):
         lists[run] = [(tmp_path / run / "splits" / f"{s}.txt").read_text() for s in ("train", "val", "test")]
     assert lists["a"] == lists["b"]
     assert lists["a"] != lists["c"]
+    # same input and seed -> byte-identical shards; plain ustar members (no PAX header per member for the reader)
+    for split in ("train", "val", "test"):
+        tars_a, tars_b = sorted((tmp_path / "a" / split).glob("*.tar")), sorted((tmp_path / "b" / split).glob("*.tar"))
+        assert tars_a and [t.read_bytes() for t in tars_a] == [t.read_bytes() for t in tars_b]
+    with tarfile.open(tars_a[0]) as tar:
+        members = tar.getmembers()
+    assert members and all(m.pax_headers == {} and isinstance(m.mtime, int) for m in members)
     # the split files written by one run are honoured by another
     shard_folder("Emotion6", str(src), str(tmp_path / "d"), seed=99, split_files=str(tmp_path / "a" / "splits"),
                  options=NO_DETECT)
