@@ -1,6 +1,6 @@
 """Loader throughput: our WebDataset reader vs torchvision ImageFolder on the same JPEGs (224 px train transform).
 
-    python bench/loader.py [--images 512] [--workers 0 1 2] [--out bench/results/loader.json]
+    python bench/loader.py [--images 1024] [--workers 0 1 2] [--out bench/results/loader.json]
 
 Both read identical JPEG files (the shards hold the folder's bytes unchanged: max side 0, no detector) through the
 same transform (RandomResizedCrop 224, flip, ToTensor, Normalize); runs alternate A/B and the median of `--repeats`
@@ -47,10 +47,10 @@ def one_pass(loader) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results/loader.json")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -15,7 +15,7 @@ import braceexpand
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.filters import _shuffle
 
 from data_tools.images import to_rgb
@@ -189,7 +189,7 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     for key in samples[0]:
         values = [s[key] for s in samples]
         if all(torch.is_tensor(v) for v in values):
-            batch[key] = torch.stack(values)
+            batch[key] = default_collate(values)  # in a loader worker: stacked straight into shared memory
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             batch[key] = torch.tensor(values)
         else:
