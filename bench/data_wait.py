@@ -1,12 +1,13 @@
 """Data-wait share of real pretraining steps: the trainer on JPEG shards with 2 loader workers, as a user runs it.
 
-    python bench/data_wait.py [--presets tiny vit_b16] [--workers 2] [--out bench/results/data_wait.json]
+    python bench/data_wait.py [--presets tiny vit_b16] [--workers 2] [--threads 0 1] [--out bench/results/data_wait.json]
 
 Each preset runs `pretrain/main.py` (1 process, live random-weight teacher, shards of 512 real photo crops of
 256-400 px, no stored person boxes so the person view is the whole image) for a fixed number of steps, then reads
 back what the trainer logged to TensorBoard: `perf/data_wait_share` (time the training loop waited for its next
 batch / wall time) and `perf/img_per_s`. The first logging window (worker start-up, shuffle buffer filling) is
-reported apart from the steady-state windows after it.
+reported apart from the steady-state windows after it. Each preset runs with torch's default intra-op threads and
+with OMP_NUM_THREADS=1 (the loader workers then have the other cores to themselves).
 """
 import argparse
 import json
@@ -31,7 +32,7 @@ SETTINGS = {  # preset -> (config, batch, steps, log_every)
 }
 
 
-def run_pretraining(preset: str, shards: Path, out: Path, workers: int) -> dict:
+def run_pretraining(preset: str, shards: Path, out: Path, workers: int, threads: int) -> dict:
     config, batch, steps, log_every = SETTINGS[preset]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "pretrain/main.py",
            "--config", config, f"data.train=[{shards}/train/{{00000..00007}}.tar]", f"run.output_dir={out}",
@@ -39,6 +40,8 @@ def run_pretraining(preset: str, shards: Path, out: Path, workers: int) -> dict:
            "data.shuffle_buffer=200", "train.epochs=1", "train.image_every=0", f"run.log_every={log_every}",
            f"run.ckpt_every={steps * 10}", "teacher.checkpoint=random", "optim.warmup_epochs=0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     done = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}")
@@ -46,7 +49,8 @@ def run_pretraining(preset: str, shards: Path, out: Path, workers: int) -> dict:
     acc.Reload()
     wait = [e.value for e in acc.Scalars("perf/data_wait_share")]
     img_s = [e.value for e in acc.Scalars("perf/img_per_s")]
-    return {"preset": preset, "batch": batch, "steps": steps, "workers": workers, "log_every": log_every,
+    return {"preset": preset, "batch": batch, "steps": steps, "workers": workers, "threads": threads or "default",
+            "log_every": log_every,
             "first_window": {"data_wait_share": wait[0], "img_per_s": img_s[0]},
             "steady": {"data_wait_share": statistics.mean(wait[1:]), "img_per_s": statistics.mean(img_s[1:]),
                        "windows": len(wait) - 1}}
@@ -56,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[0, 1],
+                        help="OMP_NUM_THREADS of the training process, one run each (0: torch's default)")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--out", default="bench/results/data_wait.json")
     args = parser.parse_args()
@@ -66,11 +72,12 @@ def main() -> None:
         shard_folder("bench", str(folder), str(shards), generic=True, ratios=(1.0, 0.0, 0.0), shard_size=64,
                      min_shards=8, options=ImageOptions(max_side=0, detector="none", quality=90))
         for preset in args.presets:
-            row = run_pretraining(preset, shards, Path(tmp) / f"run_{preset}", args.workers)
-            rows.append(row)
-            print(f"{preset}: data wait {row['steady']['data_wait_share']:.1%} of wall time at "
-                  f"{row['steady']['img_per_s']:.1f} img/s ({args.workers} workers, batch {row['batch']}; first "
-                  f"window {row['first_window']['data_wait_share']:.1%})", flush=True)
+            for threads in args.threads:
+                row = run_pretraining(preset, shards, Path(tmp) / f"run_{preset}_{threads}", args.workers, threads)
+                rows.append(row)
+                print(f"{preset} ({threads or 'default'} threads): data wait {row['steady']['data_wait_share']:.1%} "
+                      f"of wall time at {row['steady']['img_per_s']:.1f} img/s ({args.workers} workers, batch "
+                      f"{row['batch']}; first window {row['first_window']['data_wait_share']:.1%})", flush=True)
     result = {"bench": "data_wait", "images": args.images, "cores": os.cpu_count(), "rows": rows,
               "command": " ".join(sys.argv)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
