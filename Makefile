@@ -61,7 +61,9 @@ demo: $(STAMP) debs
 # Speed measurements (never part of `make test`): JSON under bench/results/, summaries on the console.
 bench: $(STAMP)
 	$(PY) bench/loader.py
+	$(PY) bench/data_wait.py
 	$(PY) bench/pretrain_throughput.py
+	$(PY) bench/pretrain_throughput.py --teachers cached --strategies ddp zero1 zero2 --out bench/results/strategies.json
 	$(PY) bench/mae_step.py
 
 clean:
