@@ -4,6 +4,7 @@ a live teacher plus a person detector run inline on every image (the reference c
 
     python bench/mae_step.py [--presets tiny vit_b16 vit_l16] [--repeats 3] [--out bench/results/mae_step.json]
 
+Ours runs with the trainers' optimizer (fused AdamW), the reference with torch's default AdamW as MAE's code does.
 Same batch, same threads, one process; the variants run in alternation (A B C D E A B C D E ...) and the median
 step time of each is reported, so the ratios hold on a noisy machine. Steps are forward + backward + AdamW.
 MFU = FLOPs per step (torch.utils.flop_counter: 3x the forward of what trains, 1x the frozen teacher) / step time /
@@ -12,6 +13,7 @@ run's dtype). The inline detector is ours (HOG people, Haar face fallback; OpenC
 photos (640x427), each image detected, cropped at its box and resized to the model's input.
 """
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -36,7 +38,9 @@ from pretrain.mae import MaskedAutoencoderViT, get_arch  # noqa: E402
 from pretrain.model import UniEmoXPretrainer  # noqa: E402
 from pretrain.data import crop_box, train_view  # noqa: E402
 from pretrain.teacher import CLIPTeacher  # noqa: E402
+from runtime.config import OptimConfig  # noqa: E402
 from runtime.flops import measure_matmul_tflops, training_step_flops  # noqa: E402
+from runtime.optim import adamw  # noqa: E402
 
 SETTINGS = {"tiny": ("configs/teacher/tiny-clip.json", 32, 3), "vit_b16": ("ViT-B-16", 8, 3),
             "vit_l16": ("ViT-B-16", 4, 2)}  # preset -> (teacher, batch, at most this many timed repeats)
@@ -94,8 +98,11 @@ class ReferenceMAE(nn.Module):
         return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
 
 
-def make_step(model, loss_fn, before=None):
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+def make_step(model, loss_fn, ours: bool, before=None):
+    """forward + backward + AdamW; ours with the trainers' optimizer (runtime.optim: fused), the reference with
+    torch's default AdamW, as MAE's code builds it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = adamw(params, OptimConfig(lr=1e-4)) if ours else torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
 
     def step():
         extra = before() if before else {}
@@ -120,6 +127,61 @@ def inline_person_crops(batch: int, size: int):
     return crops
 
 
+def bench_preset(preset: str, args, peak: float) -> dict:
+    teacher_arch, batch, max_repeats = SETTINGS[preset]
+    repeats = min(args.repeats, max_repeats)
+    arch = get_arch(preset)
+    torch.manual_seed(0)
+    imgs = torch.randn(batch, 3, arch.img_size, arch.img_size)
+    person = torch.randn_like(imgs)
+    teacher = CLIPTeacher(str(REPO / teacher_arch) if teacher_arch.endswith(".json") else teacher_arch, "random")
+    tokens = teacher.tokenize(["The overall emotion conveyed is awe."] * batch)
+    clip_image = torch.nn.functional.normalize(torch.randn(batch, teacher.embed_dim), dim=-1)
+    clip_text = torch.nn.functional.normalize(torch.randn(batch, teacher.embed_dim), dim=-1)
+    model_cfg = ModelConfig(preset=preset, mask_ratio=args.mask_ratio)
+    ours_mae = MaskedAutoencoderViT(arch)
+    full_cached = UniEmoXPretrainer(model_cfg, LossConfig(), TeacherConfig(checkpoint="random", arch=teacher.arch,
+                                                                           cached=True))
+    full_live = UniEmoXPretrainer(model_cfg, LossConfig(), TeacherConfig(checkpoint="random", arch=teacher.arch),
+                                  teacher)
+    reference = ReferenceMAE(arch, args.mask_ratio)
+    cached_batch = {"image": imgs, "person": person, "clip_image": clip_image, "clip_text": clip_text}
+    live_batch = {"image": imgs, "person": person, "text": tokens}
+    forwards = {  # name -> (trained forward, frozen forward or None, model)
+        "reference_mae": (lambda: reference(imgs), None, reference),
+        "ours_mae_only": (lambda: ours_mae(imgs, args.mask_ratio)[0], None, ours_mae),
+        "ours_full_cached": (lambda: full_cached(cached_batch).loss, None, full_cached),
+        "ours_full_live": (lambda: full_live(live_batch).loss,
+                           lambda: (teacher.encode_image(imgs), teacher.encode_text(tokens)), full_live),
+    }
+    flops = {name: training_step_flops(fwd, frozen) for name, (fwd, frozen, _) in forwards.items()}
+    flops["ours_full_live_inline_detector"] = flops["ours_full_live"]  # the detector's work is not matmuls
+    variants = {name: make_step(model, lambda fwd=fwd: fwd(), ours=name != "reference_mae")
+                for name, (fwd, _, model) in forwards.items()}
+    variants["ours_full_live_inline_detector"] = make_step(
+        full_live, lambda person: full_live({**live_batch, "person": person}).loss, ours=True,
+        before=inline_person_crops(batch, arch.img_size))
+    times = {k: [] for k in variants}
+    for name, step in variants.items():
+        step()  # warm-up
+    for _ in range(repeats):
+        for name, step in variants.items():  # alternate, so drifts hit every variant alike
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    step_s = {k: statistics.median(v) for k, v in times.items()}
+    img_s = {k: batch / v for k, v in step_s.items()}
+    mfu = {k: flops[k] / step_s[k] / (peak * 1e12) for k in variants}
+    row = {"preset": preset, "batch": batch, "repeats": repeats, "img_per_s": img_s,
+           "gflops_per_step": {k: v / 1e9 for k, v in flops.items()}, "mfu": mfu,
+           "ratios": {"ours_mae_only / reference": img_s["ours_mae_only"] / img_s["reference_mae"],
+                      "full_cached / ours_mae_only": img_s["ours_full_cached"] / img_s["ours_mae_only"],
+                      "full_cached / full_live": img_s["ours_full_cached"] / img_s["ours_full_live"],
+                      "full_cached / full_live_inline_detector":
+                          img_s["ours_full_cached"] / img_s["ours_full_live_inline_detector"]}}
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "vit_b16", "vit_l16"], choices=SETTINGS)
@@ -131,65 +193,22 @@ def main() -> None:
     print(f"measured peak: {peak * 1e3:.1f} GFLOP/s (fp32 matmul, {torch.get_num_threads()} threads)", flush=True)
     rows = []
     for preset in args.presets:
-        teacher_arch, batch, max_repeats = SETTINGS[preset]
-        repeats = min(args.repeats, max_repeats)
-        arch = get_arch(preset)
-        torch.manual_seed(0)
-        imgs = torch.randn(batch, 3, arch.img_size, arch.img_size)
-        person = torch.randn_like(imgs)
-        teacher = CLIPTeacher(str(REPO / teacher_arch) if teacher_arch.endswith(".json") else teacher_arch, "random")
-        tokens = teacher.tokenize(["The overall emotion conveyed is awe."] * batch)
-        clip_image = torch.nn.functional.normalize(torch.randn(batch, teacher.embed_dim), dim=-1)
-        clip_text = torch.nn.functional.normalize(torch.randn(batch, teacher.embed_dim), dim=-1)
-        model_cfg = ModelConfig(preset=preset, mask_ratio=args.mask_ratio)
-        ours_mae = MaskedAutoencoderViT(arch)
-        full_cached = UniEmoXPretrainer(model_cfg, LossConfig(), TeacherConfig(checkpoint="random", arch=teacher.arch,
-                                                                               cached=True))
-        full_live = UniEmoXPretrainer(model_cfg, LossConfig(), TeacherConfig(checkpoint="random", arch=teacher.arch),
-                                      teacher)
-        reference = ReferenceMAE(arch, args.mask_ratio)
-        cached_batch = {"image": imgs, "person": person, "clip_image": clip_image, "clip_text": clip_text}
-        live_batch = {"image": imgs, "person": person, "text": tokens}
-        forwards = {  # name -> (trained forward, frozen forward or None, model)
-            "reference_mae": (lambda: reference(imgs), None, reference),
-            "ours_mae_only": (lambda: ours_mae(imgs, args.mask_ratio)[0], None, ours_mae),
-            "ours_full_cached": (lambda: full_cached(cached_batch).loss, None, full_cached),
-            "ours_full_live": (lambda: full_live(live_batch).loss,
-                               lambda: (teacher.encode_image(imgs), teacher.encode_text(tokens)), full_live),
-        }
-        flops = {name: training_step_flops(fwd, frozen) for name, (fwd, frozen, _) in forwards.items()}
-        flops["ours_full_live_inline_detector"] = flops["ours_full_live"]  # the detector's work is not matmuls
-        variants = {name: make_step(model, lambda fwd=fwd: fwd()) for name, (fwd, _, model) in forwards.items()}
-        variants["ours_full_live_inline_detector"] = make_step(
-            full_live, lambda person: full_live({**live_batch, "person": person}).loss,
-            before=inline_person_crops(batch, arch.img_size))
-        times = {k: [] for k in variants}
-        for name, step in variants.items():
-            step()  # warm-up
-        for _ in range(repeats):
-            for name, step in variants.items():  # alternate, so drifts hit every variant alike
-                t0 = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - t0)
-        step_s = {k: statistics.median(v) for k, v in times.items()}
-        img_s = {k: batch / v for k, v in step_s.items()}
-        mfu = {k: flops[k] / step_s[k] / (peak * 1e12) for k in variants}
-        row = {"preset": preset, "batch": batch, "repeats": repeats, "img_per_s": img_s,
-               "gflops_per_step": {k: v / 1e9 for k, v in flops.items()}, "mfu": mfu,
-               "ratios": {"ours_mae_only / reference": img_s["ours_mae_only"] / img_s["reference_mae"],
-                          "full_cached / ours_mae_only": img_s["ours_full_cached"] / img_s["ours_mae_only"],
-                          "full_cached / full_live": img_s["ours_full_cached"] / img_s["ours_full_live"],
-                          "full_cached / full_live_inline_detector":
-                              img_s["ours_full_cached"] / img_s["ours_full_live_inline_detector"]}}
+        row = bench_preset(preset, args, peak)  # each preset's models are freed before the next is built
         rows.append(row)
-        print(f"{preset}: " + ", ".join(f"{k} {v:.2f} img/s (MFU {mfu[k]:.1%})" for k, v in img_s.items()) + " | "
-              + ", ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items()), flush=True)
+        speeds = [f"{k} {v:.2f} img/s (MFU {row['mfu'][k]:.1%})" for k, v in row["img_per_s"].items()]
+        print(f"{preset}: " + ", ".join(speeds) + " | " + ", ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items()),
+              flush=True)
+        write_result(args, peak, rows)  # after every preset: a larger one that runs out of memory loses nothing
+        gc.collect()
+
+
+def write_result(args, peak: float, rows: list) -> None:
     result = {"bench": "mae_step", "threads": torch.get_num_threads(), "mask_ratio": args.mask_ratio,
               "peak_tflops_measured": peak, "python": platform.python_version(), "torch": torch.__version__,
               "rows": rows, "command": " ".join(sys.argv)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.out}")
+    print(f"-> {args.out}", flush=True)
 
 
 if __name__ == "__main__":
