@@ -82,8 +82,7 @@ def worker(spec: dict, out: str) -> None:
             "img_per_s": sum(g[0] for g in gathered), "per_rank": [g[0] for g in gathered],
             "peak_rss_mib_per_rank": [round(g[1]) for g in gathered], "step_s_median": statistics.median(times),
             "device": str(device), "precision": precision, "threads": torch.get_num_threads()}))
-    distributed.barrier()
-    distributed.shutdown()
+    distributed.shutdown(wait_for_peers=True)
 
 
 def main() -> None:

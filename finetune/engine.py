@@ -211,7 +211,6 @@ class Finetuning:
             return {"final_step": step, "stopped": True}
         result = self.finish(step, best, history, logger)
         logger.close()
-        distributed.barrier()  # every rank done before any tears its process group down
         return result
 
     def finish(self, step: int, best: Dict, history, logger: MetricLogger) -> Dict[str, Any]:

@@ -44,6 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             from finetune.engine import Finetuning
             Finetuning(cfg).run()
+        distributed.shutdown(wait_for_peers=True)
     except (UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
         log.error("%s: %s", type(e).__name__, e)
         return 3

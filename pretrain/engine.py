@@ -208,5 +208,4 @@ class Pretraining:
         if stopped:
             log.warning("stopped by %s at step %d after saving a checkpoint; rerun (or requeue) to resume",
                         guard.signal_name, step)
-        distributed.barrier()  # every rank done before any tears its process group down
         return {"final_step": step, "stopped": stopped}

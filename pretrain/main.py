@@ -27,6 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from runtime.guard import NonFiniteLossError
     try:
         outcome = Pretraining(cfg).run()
+        distributed.shutdown(wait_for_peers=True)
     except (NonFiniteLossError, CheckpointError, FileNotFoundError) as e:
         log.error("%s: %s", type(e).__name__, e)
         return 3

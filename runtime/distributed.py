@@ -128,8 +128,13 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600, always
     return env
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Destroy the process group (a no-op without one). wait_for_peers, after a run that ended normally on every
+    rank: meet first, so no rank tears gloo down while a peer still talks to it (that once aborted the peer at
+    exit: "terminate called without an active exception"). Never after an error: a failed peer would not come."""
     if dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     distributed.setup_logging(distributed.resolve_env().rank)
     try:
         result = train(cfg)
-        distributed.barrier()  # ranks tear gloo down together (a rank leaving early once aborted its peer at exit)
+        distributed.shutdown(wait_for_peers=True)
     finally:
         distributed.shutdown()
     return 0 if result["ranks_in_sync"] else 1

@@ -7,6 +7,11 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
+from data_tools.folder import shard_folder
+from data_tools.registry import REGISTRY
+from data_tools.samples import ImageOptions
+
+E6 = list(REGISTRY["Emotion6"].classes)
 PHOTOS = [np.asarray(img) for img in load_sample_images().images]  # china.jpg, flower.jpg (427x640)
 
 
@@ -41,6 +46,14 @@ def make_class_tree(root: Path, classes: Sequence[str], per_class: int, size: in
             img = photo_crop(offset + c * 1000 + n, size, tint=c, n_tints=len(classes))
             (root / name / f"{name}_{n:03d}.jpg").write_bytes(jpeg_bytes(img))
     return {name: per_class for name in classes}
+
+
+def emotion6_shards(root: Path, per_class: int, shard_size: int, min_shards: int) -> Path:
+    """Emotion6-shaped shards (40 px photo crops tinted by class, so the classes are learnable) in root/shards."""
+    make_class_tree(root / "src", E6, per_class=per_class, size=40)
+    shard_folder("Emotion6", str(root / "src"), str(root / "shards"), shard_size=shard_size, min_shards=min_shards,
+                 options=ImageOptions(detector="none"))
+    return root / "shards"
 
 
 def bad_files() -> Dict[str, bytes]:

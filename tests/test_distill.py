@@ -18,10 +18,9 @@ from pretrain.losses import paired_similarity, relational_similarity
 from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import CLIPTeacher, TeacherError
 
-from conftest import REPO
+from conftest import TINY_CLIP
 from image_data import make_class_tree
 
-TINY_CLIP = str(REPO / "configs" / "teacher" / "tiny-clip.json")
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ import torch
 import webdataset as wds
 from sklearn.metrics import average_precision_score, f1_score
 
-from data_tools.folder import shard_folder
-from data_tools.registry import REGISTRY, UnknownDatasetError
-from data_tools.samples import ImageOptions
+from data_tools.registry import UnknownDatasetError
 from data_tools.schema import encode_record, make_record
 from finetune.config import EncoderConfig, FinetuneConfig
 from finetune.encoder import create_encoder
@@ -25,22 +23,16 @@ from pretrain.model import UniEmoXPretrainer
 from runtime.checkpoint import CheckpointError, CheckpointStore, load_checkpoint
 from runtime.config import load_config
 
-from conftest import REPO, clean_env, kill_tree, run_torchrun, torchrun_cmd
-from image_data import jpeg_bytes, make_class_tree, photo_crop
+from conftest import REPO, TINY_CLIP, clean_env, kill_tree, run_torchrun, torchrun_cmd
+from image_data import emotion6_shards, jpeg_bytes, make_class_tree, photo_crop
 from test_mae import official_state_dict
 
-E6 = list(REGISTRY["Emotion6"].classes)
-TINY_CLIP = str(REPO / "configs" / "teacher" / "tiny-clip.json")
 
 
 @pytest.fixture(scope="module")
 def emotion6(tmp_path_factory):
     """Emotion6-shaped shards: 6 classes x 40 tinted photo crops (the tint makes the classes learnable)."""
-    root = tmp_path_factory.mktemp("e6")
-    make_class_tree(root / "src", E6, per_class=40, size=40)
-    shard_folder("Emotion6", str(root / "src"), str(root / "shards"), shard_size=30, min_shards=2,
-                 options=ImageOptions(detector="none"))
-    return root / "shards"
+    return emotion6_shards(tmp_path_factory.mktemp("e6"), per_class=40, shard_size=30, min_shards=2)
 
 
 def ft_args(root, out, *extra):

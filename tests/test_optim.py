@@ -26,4 +26,3 @@ def test_fused_adamw_matches_the_reference_update():
     for p, q in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert not torch.equal(ours[0].weight, start)  # it did train
-

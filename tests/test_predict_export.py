@@ -7,9 +7,6 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from data_tools.folder import shard_folder
-from data_tools.registry import REGISTRY
-from data_tools.samples import ImageOptions
 from finetune.config import EncoderConfig, FinetuneConfig
 from finetune.encoder import create_encoder
 from finetune.engine import Finetuning
@@ -22,20 +19,16 @@ from pretrain.teacher import CLIPTeacher
 from runtime.checkpoint import CheckpointStore
 from runtime.config import config_to_dict, load_config
 
-from conftest import REPO
-from image_data import bad_files, jpeg_bytes, make_class_tree, photo_crop
+from conftest import REPO, TINY_CLIP
+from image_data import E6, bad_files, emotion6_shards, jpeg_bytes, photo_crop
 
-E6 = list(REGISTRY["Emotion6"].classes)
-TINY_CLIP = str(REPO / "configs" / "teacher" / "tiny-clip.json")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Emotion6-shaped shards, a tiny pretraining checkpoint, its teacher's weights, and a fine-tuned run."""
     root = tmp_path_factory.mktemp("use")
-    make_class_tree(root / "src", E6, per_class=12, size=40)
-    shard_folder("Emotion6", str(root / "src"), str(root / "shards"), shard_size=100, min_shards=1,
-                 options=ImageOptions(detector="none"))
+    emotion6_shards(root, per_class=12, shard_size=100, min_shards=1)
     torch.manual_seed(0)
     teacher = CLIPTeacher(TINY_CLIP, "random")
     torch.save(teacher.model.state_dict(), root / "clip.pt")
