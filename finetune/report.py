@@ -1,35 +1,68 @@
-"""`python -m finetune.report RUN [RUN ...]`: the test metrics of fine-tuning runs side by side (markdown)."""
+"""`python -m finetune.report RUN [RUN ...]`: finished runs side by side — fine-tuning, linear probe, pixel
+baseline (metrics.json) and zero-shot (zeroshot.json) — as a markdown table and, with --json, one row per run."""
 import argparse
 import json
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
+
+RESULT_FILES = ("metrics.json", "zeroshot.json")
+
+
+def read_result(run: str) -> Dict[str, Any]:
+    for name in RESULT_FILES:
+        path = Path(run) / name
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise FileNotFoundError(f"{run}: neither {' nor '.join(RESULT_FILES)} found: has the run finished?")
+
+
+def result_rows(runs: Sequence[str], labels: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """One row per run: name, its primary metric on val and test (e.g. val_top1, test_top1), and what it is."""
+    if labels and len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    rows = []
+    for i, run in enumerate(runs):
+        m = read_result(run)
+        key = m["primary_metric"]
+        rows.append({"name": labels[i] if labels else run, f"test_{key}": m["test"][key],
+                     f"val_{key}": m["val"][key] if "val" in m else None, "dataset": m["dataset"],
+                     "source": m["encoder_source"], "best_epoch": m.get("best_epoch"), "run": str(run),
+                     **({"test_top3": m["test"].get("top3"), "test_macro_f1": m["test"].get("macro_f1")}
+                        if key == "top1" else {})})
+    return rows
+
+
+def markdown(rows: Sequence[Dict[str, Any]]) -> str:
+    lines = ["| run | dataset | source | best epoch | val | test | test top-3 / macro-F1 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        key = next(k[5:] for k in r if k.startswith("test_") and k not in ("test_top3", "test_macro_f1"))
+        val = "-" if r[f"val_{key}"] is None else f"{key} {r[f'val_{key}']:.4f}"
+        extra = f"{r['test_top3']:.4f} / {r['test_macro_f1']:.4f}" if r.get("test_top3") is not None else "-"
+        epoch = "-" if r["best_epoch"] is None else r["best_epoch"]
+        lines.append(f"| {r['name']} | {r['dataset']} | {r['source']} | {epoch} | {val} | "
+                     f"{key} {r[f'test_{key}']:.4f} | {extra} |")
+    return "\n".join(lines)
 
 
 def report(runs: Sequence[str], labels: Optional[Sequence[str]] = None) -> str:
-    rows: List[str] = ["| run | dataset | encoder | best epoch | val | test | test top-3 / macro-F1 |",
-                       "|---|---|---|---|---|---|---|"]
-    for i, run in enumerate(runs):
-        path = Path(run) / "metrics.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: has the run finished?")
-        m = json.loads(path.read_text())
-        key = m["primary_metric"]
-        extra = f"{m['test']['top3']:.4f} / {m['test']['macro_f1']:.4f}" if key == "top1" else "-"
-        rows.append(f"| {labels[i] if labels else run} | {m['dataset']} | {m['encoder_source']} | "
-                    f"{m.get('best_epoch', '-')} | {key} {m['val'][key]:.4f} | {key} {m['test'][key]:.4f} | {extra} |")
-    return "\n".join(rows)
+    return markdown(result_rows(runs, labels))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("runs", nargs="+", help="fine-tuning run directories (with metrics.json)")
+    parser.add_argument("runs", nargs="+", help="run directories (with metrics.json or zeroshot.json)")
     parser.add_argument("--labels", nargs="+", help="a name per run")
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--json", help="also write {'runs': [one row per run]} to this file")
     args = parser.parse_args(argv)
-    table = report(args.runs, args.labels)
+    rows = result_rows(args.runs, args.labels)
+    table = markdown(rows)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": rows}, indent=1) + "\n")
     return 0
 
 

@@ -3,27 +3,51 @@ text tower classify images without a head (CLIP's zero-shot recipe: several temp
 
     python -m finetune.zeroshot --checkpoint runs/vit_l16 --teacher-checkpoint /models/clip_b16.bin \
         --dataset FI --data shards/FI            # top-1 / top-5 on the test split
+    python -m finetune.zeroshot --checkpoint runs/demo --dataset fashion --data shards/fashion --teacher-only
+
+The teacher defaults to the run's own teacher section (override with --teacher-*). --teacher-only scores the
+teacher's image embedding instead of the student's: the bar the student is distilled towards.
 """
 import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pretrain.config import LossConfig, ModelConfig, TeacherConfig
 from pretrain.model import UniEmoXPretrainer
-from pretrain.teacher import CLIPTeacher
+from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
+from runtime.atomic import atomic_write_json
 from runtime.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from runtime.config import load_config
+from runtime.config import config_from_dict, load_config
 
 log = logging.getLogger("finetune.zeroshot")
 TEMPLATES = ("a photo that conveys {}.", "a photo that makes people feel {}.", "an image evoking {}.",
              "The overall emotion conveyed is {}.")
+TEMPLATE_SETS = {"emotion": TEMPLATES, "object": ("a photo of a {}.", "a picture of a {}.", "an image of a {}.")}
+
+
+def resolve_templates(name: str) -> Sequence[str]:
+    """A named template set (emotion, object) or a file of templates, one per line, each with one '{}'."""
+    if name in TEMPLATE_SETS:
+        return TEMPLATE_SETS[name]
+    path = Path(name)
+    if not path.is_file():
+        raise ValueError(f"--templates {name!r}: neither a template set ({', '.join(TEMPLATE_SETS)}) nor a file")
+    templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise ValueError(f"{path}: each line must hold exactly one '{{}}' for the label (bad: {bad[:3]})")
+    return templates
+
+
+def label_text(label: str) -> str:
+    """A class name as a prompt word: folder names such as 'ankle_boot' read 'ankle boot'."""
+    return label.replace("_", " ")
 
 
 def read_labels(path: str) -> List[str]:
@@ -54,7 +78,7 @@ class ZeroShotEncoder(nn.Module):
                                   f"projection and fusion)")
         model_cfg = load_config(ModelConfig, None, [f"{k}={v}" for k, v in cfg["model"].items()
                                                      if v is not None and k not in ("mae_checkpoint", "init_from")])
-        teacher_cfg = TeacherConfig(checkpoint="random", arch=cfg["teacher"]["arch"], cached=True)
+        teacher_cfg = config_from_dict(TeacherConfig, cfg["teacher"], ["cached=true"])  # its width, no weights
         self.student = UniEmoXPretrainer(model_cfg, LossConfig(), teacher_cfg)
         load_model_state(self.student, state["model"])
         self.student.eval()
@@ -72,11 +96,11 @@ class ZeroShotEncoder(nn.Module):
 
 
 @torch.no_grad()
-def label_embeddings(teacher: CLIPTeacher, labels: Sequence[str], templates: Sequence[str] = TEMPLATES):
+def label_embeddings(teacher: nn.Module, labels: Sequence[str], templates: Sequence[str] = TEMPLATES):
     """(C, E): per label, the normalised mean of its normalised template embeddings."""
     out = []
     for label in labels:
-        e = teacher.encode_text(teacher.tokenize([t.format(label) for t in templates]))
+        e = teacher.encode_text(teacher.tokenize([t.format(label_text(label)) for t in templates]))
         out.append(F.normalize(e.mean(0), dim=-1))
     return torch.stack(out)
 
@@ -86,46 +110,61 @@ def zero_shot_scores(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.T
     return image_emb @ text_emb.T
 
 
-def evaluate(checkpoint: str, teacher: CLIPTeacher, dataset: str, data: str, run_dir: str,
-             batch_size: int = 64) -> Dict[str, float]:
+def evaluate(checkpoint: Optional[str], teacher: nn.Module, dataset: str, data: str, run_dir: str,
+             batch_size: int = 64, templates: Sequence[str] = TEMPLATES, crop_pct: float = 0.875,
+             splits: Sequence[str] = ("test",)) -> Dict[str, Any]:
+    """Zero-shot metrics of the student of `checkpoint` (or, with checkpoint=None, of the teacher's own image
+    embedding of the centre view it is cached from) per split, in the fine-tuning runs' metrics format;
+    written to run_dir/zeroshot.json."""
     from finetune.config import AugmentConfig, FinetuneDataConfig
     from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
+    from finetune.metrics import compute_metrics
+    from pretrain.cache_teacher import center_view
     info = resolve_dataset(dataset, data, Path(run_dir))
     if info.task != "single_label":
         raise ValueError(f"zero-shot evaluation needs a single-label dataset; {info.name} is {info.task}")
-    encoder = ZeroShotEncoder(checkpoint)
-    _, eval_tf = make_transforms(encoder.img_size, AugmentConfig())
-    loader = eval_loader(info, "test", LabelledTransform(eval_tf, info.task, len(info.classes)),
-                         FinetuneDataConfig(dataset=dataset, batch_size=batch_size, num_workers=0))
-    text = label_embeddings(teacher, info.classes)
-    scores, targets = [], []
-    for batch in loader:
-        scores.append(zero_shot_scores(encoder(batch["image"]), text))
-        targets.append(torch.as_tensor(batch["target"]))
-    s, y = torch.cat(scores).numpy(), torch.cat(targets).numpy()
-    k = min(5, len(info.classes))
-    topk = np.argsort(-s, axis=1)[:, :k]
-    result = {"dataset": info.name, "n": int(len(y)), "top1": float((topk[:, 0] == y).mean()),
-              f"top{k}": float((topk == y[:, None]).any(1).mean()), "classes": info.classes,
-              "templates": list(TEMPLATES)}
+    if checkpoint is None:
+        embed, view = teacher.encode_image, center_view(teacher.image_size)
+    else:
+        encoder = ZeroShotEncoder(checkpoint)
+        embed, view = encoder, make_transforms(encoder.img_size, AugmentConfig(crop_pct=crop_pct))[1]
+    text = label_embeddings(teacher, info.classes, templates)
+    result: Dict[str, Any] = {"dataset": info.name, "task": "single_label", "primary_metric": "top1",
+                              "encoder_source": "zero-shot: " + ("teacher" if checkpoint is None else "student"),
+                              "chance": 1 / len(info.classes), "classes": info.classes, "templates": list(templates)}
+    for split in splits:
+        loader = eval_loader(info, split, LabelledTransform(view, info.task, len(info.classes)),
+                             FinetuneDataConfig(dataset=dataset, batch_size=batch_size, num_workers=0))
+        scores, targets = [], []
+        for batch in loader:
+            scores.append(zero_shot_scores(embed(batch["image"]), text))
+            targets.append(torch.as_tensor(batch["target"]))
+        result[split] = compute_metrics("single_label", torch.cat(scores).numpy(), torch.cat(targets).numpy(),
+                                        info.classes)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "zeroshot.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(Path(run_dir) / "zeroshot.json", result)
     return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a pretraining run or checkpoint")
-    parser.add_argument("--teacher-arch", default=None, help="default: the run's teacher.arch")
-    parser.add_argument("--teacher-checkpoint", required=True, help="the CLIP weights file (its text tower)")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--data", required=True, help="the dataset's shards (or image folder)")
     parser.add_argument("--out", default="runs/zeroshot", help="directory for zeroshot.json")
+    parser.add_argument("--templates", default="emotion",
+                        help=f"prompt templates: {', '.join(TEMPLATE_SETS)}, or a file with one per line")
+    parser.add_argument("--splits", nargs="+", default=["test"], choices=["train", "val", "test"])
+    parser.add_argument("--crop-pct", type=float, default=0.875, help="evaluation resize/centre-crop ratio")
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="score the teacher's image embedding instead of the student's")
+    add_teacher_args(parser, "the teacher's weights file (default: the run's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    arch = args.teacher_arch or load_checkpoint(args.checkpoint)["config"]["teacher"]["arch"]
-    result = evaluate(args.checkpoint, CLIPTeacher(arch, args.teacher_checkpoint), args.dataset, args.data, args.out)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("classes", "templates")}))
+    teacher = make_teacher(teacher_config_from_args(args, load_checkpoint(args.checkpoint)["config"]["teacher"]))
+    result = evaluate(None if args.teacher_only else args.checkpoint, teacher, args.dataset, args.data, args.out,
+                      templates=resolve_templates(args.templates), crop_pct=args.crop_pct, splits=args.splits)
+    print(json.dumps({split: {k: result[split][k] for k in ("top1", "top3", "n")} for split in args.splits}))
     return 0
 
 

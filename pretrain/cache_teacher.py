@@ -2,6 +2,7 @@
 
     python -m pretrain.cache_teacher --shards 'shards/web/{00000..00999}.tar' --teacher-arch ViT-B-16 \
         --teacher-checkpoint /models/clip_vit_b16.bin --out shards/web_teacher
+    python -m pretrain.cache_teacher --shards ... --teacher-config configs/pretrain/demo.yaml --out ...
 
 For each shard NNNNN.tar it writes out/NNNNN.tar holding `{key}.clip_image.npy` and `{key}.clip_text.npy`
 (L2-normalised, float16 by default) and then out/NNNNN_stats.json, the completion marker: a rerun skips finished
@@ -18,6 +19,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
@@ -25,7 +27,7 @@ from data_tools.images import to_rgb
 from data_tools.reader import expand_urls
 from data_tools.tars import read_tar
 from data_tools.writer import atomic_tar
-from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD, CLIPTeacher
+from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD, add_teacher_args, make_teacher, teacher_config_from_args
 from runtime.atomic import atomic_write_json
 
 log = logging.getLogger("pretrain.cache_teacher")
@@ -54,7 +56,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 @torch.no_grad()
-def cache_shard(teacher: CLIPTeacher, shard: str, out_dir: Path, batch_size: int, dtype: str,
+def cache_shard(teacher: nn.Module, shard: str, out_dir: Path, batch_size: int, dtype: str,
                 device: torch.device) -> Dict[str, object]:
     view = center_view(teacher.image_size)
     samples = list(iter_samples(shard))
@@ -75,7 +77,7 @@ def cache_shard(teacher: CLIPTeacher, shard: str, out_dir: Path, batch_size: int
     return stats
 
 
-def cache_teacher(shards: Sequence[str], teacher: CLIPTeacher, out: str, batch_size: int = 64,
+def cache_teacher(shards: Sequence[str], teacher: nn.Module, out: str, batch_size: int = 64,
                   dtype: str = "float16", device: Optional[str] = None) -> List[Dict[str, object]]:
     urls = expand_urls(shards)
     if not urls:
@@ -100,15 +102,14 @@ def cache_teacher(shards: Sequence[str], teacher: CLIPTeacher, out: str, batch_s
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", nargs="+", required=True, help="shard files or brace patterns")
-    parser.add_argument("--teacher-arch", default="ViT-B-16", help="open_clip model name or model-config .json")
-    parser.add_argument("--teacher-checkpoint", required=True, help="local weights file, or 'random' (tests)")
+    add_teacher_args(parser, "local weights file ('random': open_clip plumbing tests; 'packaged': classifier)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    teacher = CLIPTeacher(args.teacher_arch, args.teacher_checkpoint)
+    teacher = make_teacher(teacher_config_from_args(args))
     stats = cache_teacher(args.shards, teacher, args.out, args.batch_size, args.dtype, args.device)
     log.info("teacher cache: %d shards, %d samples -> %s", len(stats), sum(s["samples"] for s in stats), args.out)
     return 0

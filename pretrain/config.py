@@ -27,8 +27,16 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    checkpoint: str                         # required: a local open_clip / OpenAI weights file, or "random"
-    arch: str = "ViT-B-16"                  # open_clip model name, or a model-config .json file
+    checkpoint: str                         # required. open_clip: a local open_clip / OpenAI weights file, or
+                                            # "random" (plumbing tests only); classifier: a torchvision weights
+                                            # file, or "packaged" (the file the `teacher` extra installs)
+    backend: Literal["open_clip", "classifier"] = "open_clip"
+    arch: Optional[str] = None              # open_clip: model name or model-config .json (default ViT-B-16);
+                                            # classifier: torchvision ImageNet-1k model (default mobilenet_v2)
+    text_encoder: str = "packaged"          # classifier: sentence-transformers model directory, or "packaged"
+    image_size: int = 224                   # classifier: its input side (open_clip uses the model's own)
+    temperature: float = 3.0                # classifier: logits / temperature before the softmax over classes
+    checkpoint_sha256: Optional[str] = None # classifier: expected sha256 of the weights file (checked)
     cached: bool = False                    # read clip_image / clip_text from the shards' teacher cache
 
 

@@ -13,7 +13,7 @@ from data_tools.reader import SharedEpoch
 from pretrain.config import PretrainConfig
 from pretrain.data import PretrainTransform, build_loader, check_shards, count_samples
 from pretrain.model import UniEmoXPretrainer
-from pretrain.teacher import CLIPTeacher
+from pretrain.teacher import make_teacher
 from pretrain.visualize import reconstruction_grid
 from runtime import distributed
 from runtime.atomic import atomic_write_json
@@ -64,11 +64,10 @@ class Pretraining:
         cfg.optim.lr = scaled_lr(cfg.optim, batch, world)
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        teacher = None
-        if cfg.loss.paired > 0 or cfg.loss.relational > 0 or not cfg.teacher.cached:
-            teacher = CLIPTeacher(cfg.teacher.arch, cfg.teacher.checkpoint)  # also the tokenizer for live mode
+        distill = cfg.loss.paired > 0 or cfg.loss.relational > 0
+        teacher = make_teacher(cfg.teacher) if distill and not cfg.teacher.cached else None  # live mode only
         self.teacher = teacher
-        self.model = UniEmoXPretrainer(cfg.model, cfg.loss, cfg.teacher, None if cfg.teacher.cached else teacher)
+        self.model = UniEmoXPretrainer(cfg.model, cfg.loss, cfg.teacher, teacher)
         if cfg.model.init_from:
             load_model_state(self.model, load_checkpoint(cfg.model.init_from)["model"])
         if teacher is not None:
@@ -82,7 +81,7 @@ class Pretraining:
         seed_everything(cfg.run.seed + 1000 * self.env.rank)  # different augmentations on each rank
         self.transform = PretrainTransform(
             self.model.mae.arch.img_size, cfg.data.crop_scale, self.model.uses_person,
-            teacher.tokenize if teacher is not None and not cfg.teacher.cached else None, cfg.teacher.cached)
+            teacher.tokenizer if teacher is not None else None, distill and cfg.teacher.cached)
         self.epoch = SharedEpoch()
         self.step = 0
 

@@ -3,7 +3,6 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-import open_clip
 import torch
 from torch import nn
 
@@ -11,7 +10,7 @@ from pretrain.config import LossConfig, ModelConfig, TeacherConfig
 from pretrain.fusion import make_fusion
 from pretrain.losses import check_weights, combine
 from pretrain.mae import DECODER_PREFIXES, MaskedAutoencoderViT, get_arch, load_mae_checkpoint
-from pretrain.teacher import CLIPTeacher, resolve_arch
+from pretrain.teacher import teacher_embed_dim
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +23,6 @@ class StepOutput:
     mask: Optional[torch.Tensor] = None     # scene mask (N, L), 1 = masked
 
 
-def teacher_embed_dim(cfg: TeacherConfig) -> int:
-    """The teacher's embedding width from its open_clip config alone (no weights needed)."""
-    return int(open_clip.get_model_config(resolve_arch(cfg.arch))["embed_dim"])
-
-
 class UniEmoXPretrainer(nn.Module):
     """Student (MAE encoder/decoder, projection, fusion) plus a frozen teacher it does not own.
 
@@ -38,7 +32,7 @@ class UniEmoXPretrainer(nn.Module):
     """
 
     def __init__(self, model: ModelConfig, losses: LossConfig, teacher_cfg: TeacherConfig,
-                 teacher: Optional[CLIPTeacher] = None):
+                 teacher: Optional[nn.Module] = None):
         super().__init__()
         self.weights = {"mae": losses.mae, "paired": losses.paired, "relational": losses.relational}
         check_weights(self.weights)
@@ -46,7 +40,7 @@ class UniEmoXPretrainer(nn.Module):
         self.cached_teacher = teacher_cfg.cached
         self.distill = losses.paired > 0 or losses.relational > 0
         if self.distill and not self.cached_teacher and teacher is None:
-            raise ValueError("distillation terms are on and teacher.cached is false: a CLIPTeacher is needed")
+            raise ValueError("distillation terms are on and teacher.cached is false: a teacher is needed")
         arch = get_arch(model.preset, img_size=model.img_size, patch_size=model.patch_size,
                         embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
                         decoder_embed_dim=model.decoder_embed_dim, decoder_depth=model.decoder_depth,

@@ -1,7 +1,8 @@
-"""The frozen CLIP teacher (open_clip): local weights only, always in eval mode, fed with CLIP's own mean/std."""
+"""The frozen teacher: open_clip from local weights (CLIP's own mean/std, always in eval mode), or the offline
+classifier + sentence-encoder backend; `make_teacher` builds either from the config's teacher section."""
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import open_clip
 import torch
@@ -11,6 +12,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+DEFAULT_ARCH = {"open_clip": "ViT-B-16", "classifier": "mobilenet_v2"}
 
 
 class TeacherError(ValueError):
@@ -104,3 +108,59 @@ class CLIPTeacher(nn.Module):
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+def teacher_arch(cfg) -> str:
+    """teacher.arch, or the backend's default model."""
+    return cfg.arch or DEFAULT_ARCH[cfg.backend]
+
+
+def make_teacher(cfg) -> Union[CLIPTeacher, "ClassifierTextTeacher"]:  # noqa: F821
+    """The frozen teacher a TeacherConfig describes (both backends share one interface: embed_dim, image_size,
+    tokenize / tokenizer, encode_image, encode_text, logit_scale)."""
+    if cfg.backend == "open_clip":
+        return CLIPTeacher(teacher_arch(cfg), cfg.checkpoint)
+    from pretrain.classifier_teacher import ClassifierTextTeacher
+    return ClassifierTextTeacher(teacher_arch(cfg), cfg.checkpoint, cfg.text_encoder, cfg.image_size,
+                                 cfg.temperature, cfg.checkpoint_sha256)
+
+
+def teacher_embed_dim(cfg) -> int:
+    """The teacher's embedding width from its config alone (no weights loaded)."""
+    if cfg.backend == "open_clip":
+        return int(open_clip.get_model_config(resolve_arch(teacher_arch(cfg)))["embed_dim"])
+    from pretrain.classifier_teacher import text_embed_dim
+    return text_embed_dim(cfg.text_encoder)
+
+
+def add_teacher_args(parser, checkpoint_help: str = "the teacher's weights file") -> None:
+    """The teacher options every CLI that needs a teacher shares."""
+    group = parser.add_argument_group("teacher (defaults: the run's teacher section, where there is a run)")
+    group.add_argument("--teacher-config", help="a YAML file whose `teacher:` section describes the teacher "
+                                                "(e.g. the pretraining config)")
+    group.add_argument("--teacher-backend", choices=sorted(DEFAULT_ARCH), help="open_clip or classifier")
+    group.add_argument("--teacher-arch", help="open_clip model name / .json, or torchvision classifier name")
+    group.add_argument("--teacher-checkpoint", help=checkpoint_help)
+    group.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other teacher key (text_encoder, image_size, temperature, ...); repeatable")
+
+
+def teacher_config_from_args(args, base: Optional[Dict[str, Any]] = None):
+    """TeacherConfig from `base` (e.g. a run's stored teacher section), then --teacher-config, then the flags."""
+    import yaml
+
+    from pretrain.config import TeacherConfig
+    from runtime.config import config_from_dict
+    raw: Dict[str, Any] = {k: v for k, v in (base or {}).items() if k != "cached"}
+    source = "the run's teacher section" if base else "defaults"
+    if args.teacher_config:
+        section = (yaml.safe_load(Path(args.teacher_config).read_text()) or {}).get("teacher")
+        if not isinstance(section, dict):
+            raise TeacherError(f"{args.teacher_config}: no `teacher:` section")
+        raw.update(section)
+        source = args.teacher_config
+    flags = {"backend": args.teacher_backend, "arch": args.teacher_arch, "checkpoint": args.teacher_checkpoint}
+    if flags["backend"] and flags["backend"] != raw.get("backend", "open_clip") and not flags["arch"]:
+        raw.pop("arch", None)  # another backend: its own default model unless one is named
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.teacher_set)
+    return config_from_dict(TeacherConfig, raw, overrides, source)

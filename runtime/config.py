@@ -1,5 +1,6 @@
 """Typed YAML configs: dataclass schemas, strict keys, dotted CLI overrides, resolved-config and run metadata."""
 import argparse
+import copy
 import dataclasses
 import importlib.metadata
 import os
@@ -262,6 +263,13 @@ def load_config(schema: Type[T], path: Optional[Union[str, Path]] = None, overri
             raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(loaded).__name__}")
         raw = loaded or {}
         source = str(path)
+    return config_from_dict(schema, raw, overrides, source)
+
+
+def config_from_dict(schema: Type[T], raw: Dict[str, Any], overrides: Sequence[str] = (),
+                     source: str = "defaults") -> T:
+    """Build a typed, validated config from a plain mapping (e.g. a section stored in a checkpoint) + overrides."""
+    raw = copy.deepcopy(dict(raw))
     for override in overrides:
         _apply_override(raw, override)
     if overrides:

@@ -28,6 +28,9 @@ def test_roundtrip_and_export(tmp_path):
     assert counts == {"zero": 2, "one": 2}
     assert sorted(p.name for p in (tmp_path / "out" / "one").iterdir()) == ["00000.png", "00002.png"]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "one" / "00002.png")), images[2])
+    rest = idx_to_folder(tmp_path / "x.gz", tmp_path / "y.gz", tmp_path / "rest", ["zero", "one"], skip_per_class=1)
+    assert rest == {"zero": 1, "one": 2}  # disjoint from the first image of each class
+    assert sorted(p.name for p in (tmp_path / "rest" / "one").iterdir()) == ["00002.png", "00003.png"]
 
 
 def test_bad_idx_files(tmp_path):

@@ -114,7 +114,7 @@ def test_zero_shot_matches_a_hand_computation(setup, tmp_path):
             z = F.normalize(pre.fusion(cls[:len(x)], cls[len(x):]), dim=-1)
             correct += ((z @ text.T).argmax(1) == batch["target"]).sum().item()
             total += len(x)
-    assert result["n"] == total == 12 and result["top1"] == pytest.approx(correct / total)
+    assert result["test"]["n"] == total == 12 and result["test"]["top1"] == pytest.approx(correct / total)
 
 
 def test_exports_reload_in_timm(setup, tmp_path):
