@@ -126,7 +126,8 @@ def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int, segme
 
 def attach_sidecar(sidecar_dir: str):
     """Add the arrays of a sidecar shard (same file name in `sidecar_dir`, same keys: e.g. the teacher cache's
-    `clip_image.npy`, `clip_text.npy`) to each sample; a sample without its sidecar entry is counted and dropped."""
+    `clip_image.npy`, `clip_text.npy`) to each sample as sample["sidecar"]["clip_image"], ...; a sample without
+    its sidecar entry is counted and dropped."""
     import numpy as np
     from pathlib import Path
     from data_tools.tars import read_tar
@@ -140,7 +141,8 @@ def attach_sidecar(sidecar_dir: str):
                 members, error = read_tar(Path(sidecar_dir) / Path(url).name)
                 if error:
                     COUNTER.add("bad_sidecar", f"{sidecar_dir}/{Path(url).name}: {error}")
-                arrays = {k: {ext: np.load(io.BytesIO(b)) for ext, b in v.items()} for k, v in members.items()}
+                arrays = {k: {ext.removesuffix(".npy"): np.load(io.BytesIO(b)) for ext, b in v.items()}
+                          for k, v in members.items()}
             extra = arrays.get(sample["__key__"])
             if extra is None:
                 COUNTER.add("missing_sidecar", f"{url}:{sample['__key__']} not in {sidecar_dir}")

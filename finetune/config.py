@@ -28,6 +28,7 @@ class AugmentConfig:
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
     crop_scale: Tuple[float, float] = (0.08, 1.0)    # RandomResizedCrop area range
     hflip: float = 0.5                  # horizontal-flip probability (0 for digits, text, anything handed)
+    color_jitter: Optional[float] = None  # timm's ColorJitter strength without auto_augment (MAE: none)
     re_prob: float = 0.25               # random erasing
     mixup: float = 0.8
     cutmix: float = 1.0

@@ -85,6 +85,7 @@ def make_transforms(img_size: int, aug) -> tuple:
     """timm's RandAugment/erasing training transform and the resize + centre-crop evaluation transform."""
     _patch_timm_posterize()
     train = create_transform(img_size, is_training=True, scale=tuple(aug.crop_scale), hflip=aug.hflip,
+                             color_jitter=aug.color_jitter,
                              auto_augment=aug.auto_augment, re_prob=aug.re_prob,
                              re_mode="pixel", re_count=1, interpolation="bicubic", mean=IMAGENET_MEAN,
                              std=IMAGENET_STD)

@@ -33,15 +33,17 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 PRETRAIN_CONFIG = "configs/pretrain/demo.yaml"
 FINETUNE_CONFIG = "configs/finetune/demo.yaml"
 DATASET = "demo"  # the name the shards are written under
+IMG_SIZE = 28     # the demo encoder's input side (the tiny_p4 preset): the pixel baseline sees the same pixels
 
 
 class Demo:
     """Runs the steps as subprocesses from the repository root; a failing step stops the demo with its command."""
 
-    def __init__(self, out: Path, nproc: int, pretrain_epochs: Optional[float], finetune_epochs: Optional[int]):
+    def __init__(self, out: Path, nproc: int, seed: int, pretrain_epochs: Optional[float],
+                 finetune_epochs: Optional[int]):
         self.out, self.nproc = out, nproc
-        self.pretrain_overrides = [f"train.epochs={pretrain_epochs}"] if pretrain_epochs else []
-        self.finetune_overrides = [f"train.epochs={finetune_epochs}"] if finetune_epochs else []
+        self.pretrain_overrides = [f"run.seed={seed}"] + ([f"train.epochs={pretrain_epochs}"] if pretrain_epochs else [])
+        self.finetune_overrides = [f"run.seed={seed}"] + ([f"train.epochs={finetune_epochs}"] if finetune_epochs else [])
         self.timings: List[dict] = []
 
     def run(self, title: str, args: Sequence[str]) -> None:
@@ -84,13 +86,14 @@ class Demo:
         self.python("shards", "-m", "data_tools", "shard-folder", DATASET, folder, "--generic", "--out", shards,
                     "--shard-size", 250, "--min-shards", 4, "--max-side", 128)
         self.python("verify shards", "-m", "data_tools", "verify", shards)
-        train = sorted(str(p) for p in (shards / "train").glob("*.tar"))
-        train_list = "data.train=[" + ",".join(train) + "]"
+        count = len(list((shards / "train").glob("*.tar")))  # shard-folder numbers them 00000, 00001, ...
+        train = str(shards / "train" / f"{{00000..{count - 1:05d}}}.tar")
         data = ["--dataset", DATASET, "--data", shards]
-        self.python("logreg_pixels", "-m", "finetune.baseline", *data, "--out", out / "logreg_pixels")
-        self.python("teacher cache", "-m", "pretrain.cache_teacher", "--shards", *train, "--teacher-config",
+        self.python("logreg_pixels", "-m", "finetune.baseline", *data, "--img-size", IMG_SIZE, "--out",
+                    out / "logreg_pixels")
+        self.python("teacher cache", "-m", "pretrain.cache_teacher", "--shards", train, "--teacher-config",
                     PRETRAIN_CONFIG, "--out", out / "teacher_cache")
-        pretrain = ["--config", PRETRAIN_CONFIG, train_list, f"data.teacher_cache={out / 'teacher_cache'}",
+        pretrain = ["--config", PRETRAIN_CONFIG, f"data.train=[{train}]", f"data.teacher_cache={out / 'teacher_cache'}",
                     *self.pretrain_overrides]
         self.torchrun("pretrain mae_only", "pretrain/main.py", *pretrain, f"run.output_dir={out / 'pretrain_mae_only'}",
                       "loss.paired=0", "loss.relational=0")
@@ -102,7 +105,7 @@ class Demo:
         for name in ("mae_only", "distilled"):
             self.torchrun(f"fine-tune {name}", "finetune/main.py", *finetune, "--checkpoint",
                           out / f"pretrain_{name}", f"run.output_dir={out / name}")
-        self.torchrun("linear probe distilled", "finetune/main.py", "--config", FINETUNE_CONFIG, *data,
+        self.torchrun("linear probe distilled", "finetune/main.py", *finetune,
                       "--linear-probe", "--checkpoint", out / "pretrain_distilled",
                       f"run.output_dir={out / 'distilled_linear_probe'}")
         zeroshot = ["-m", "finetune.zeroshot", "--checkpoint", out / "pretrain_distilled", *data, "--templates",
@@ -120,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="output directory (replaced)")
     parser.add_argument("--src", help="ImageFolder tree with train/ val/ test/ (default: Fashion-MNIST)")
     parser.add_argument("--nproc", type=int, default=2, help="processes per training run (torchrun)")
+    parser.add_argument("--seed", type=int, default=0, help="run.seed of every training run (the data is fixed)")
     parser.add_argument("--pretrain-epochs", type=float, help=f"override {PRETRAIN_CONFIG}'s train.epochs")
     parser.add_argument("--finetune-epochs", type=int, help=f"override {FINETUNE_CONFIG}'s train.epochs")
     args = parser.parse_args(argv)
@@ -128,11 +132,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"{out} exists and is not empty: give a new --out (make demo clears DEMO_DIR first)")
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    demo = Demo(out, args.nproc, args.pretrain_epochs, args.finetune_epochs)
+    demo = Demo(out, args.nproc, args.seed, args.pretrain_epochs, args.finetune_epochs)
     demo.pipeline(str(Path(args.src).resolve()) if args.src else None)
     rows = result_rows([str(out / name) for name in RUNS], list(RUNS))
     seconds = round(time.time() - start, 1)
-    result = {"runs": rows, "seconds": seconds, "source": args.src or "Fashion-MNIST (Debian)",
+    result = {"runs": rows, "seconds": seconds, "source": args.src or "Fashion-MNIST (Debian)", "seed": args.seed,
               "steps": demo.timings}
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(rows)

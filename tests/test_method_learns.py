@@ -1,0 +1,55 @@
+"""The method learns: on real labelled images (Fashion-MNIST), an encoder pretrained with MAE + distillation from
+the real offline teacher (its embeddings cached in sidecar shards) gives a better linear probe than a random one."""
+from pathlib import Path
+
+import pytest
+
+from data_tools.folder import shard_folder
+from data_tools.idx import FASHION_MNIST_CLASSES, idx_to_folder
+from data_tools.samples import ImageOptions
+from finetune.config import FinetuneConfig
+from finetune.linear_probe import LinearProbe
+from pretrain.cache_teacher import cache_teacher
+from pretrain.config import PretrainConfig
+from pretrain.engine import Pretraining
+from pretrain.teacher import make_teacher
+from runtime.config import load_config
+
+from conftest import REPO
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed "
+                                                            "(make test installs it)")
+
+
+def fashion_shards(root: Path) -> Path:
+    """600 train / 200 val / 400 test Fashion-MNIST images as shards (train from the training file, val and test
+    disjoint from the test file)."""
+    train = [FMNIST / "train-images-idx3-ubyte.gz", FMNIST / "train-labels-idx1-ubyte.gz"]
+    test = [FMNIST / "t10k-images-idx3-ubyte.gz", FMNIST / "t10k-labels-idx1-ubyte.gz"]
+    for split, files, n, skip in (("train", train, 60, 0), ("val", test, 20, 0), ("test", test, 40, 20)):
+        idx_to_folder(*files, str(root / "src" / split), FASHION_MNIST_CLASSES, per_class=n, skip_per_class=skip)
+    shard_folder("fashion", str(root / "src"), str(root / "shards"), generic=True, shard_size=100, min_shards=4,
+                 options=ImageOptions(detector="none"))
+    return root / "shards"
+
+
+def linear_probe(shards: Path, out: Path, *encoder: str) -> float:
+    cfg = load_config(FinetuneConfig, REPO / "configs/finetune/demo.yaml",
+                      ["data.dataset=fashion", f"data.root={shards}", f"run.output_dir={out}", "data.num_workers=0",
+                       "train.mode=linear_probe", *encoder])
+    return LinearProbe(cfg).run()["test"]["top1"]
+
+
+def test_distilled_encoder_beats_a_random_one_in_a_linear_probe(tmp_path):
+    shards = fashion_shards(tmp_path)
+    train = str(shards / "train" / "{00000..00005}.tar")
+    pretrain_cfg = load_config(PretrainConfig, REPO / "configs/pretrain/demo.yaml", [
+        f"data.train=[{train}]", f"data.teacher_cache={tmp_path / 'cache'}", f"run.output_dir={tmp_path / 'pre'}",
+        "data.num_workers=1", "train.epochs=30", "optim.warmup_epochs=3"])
+    cache_teacher([train], make_teacher(pretrain_cfg.teacher), str(tmp_path / "cache"), dtype="float32")
+    result = Pretraining(pretrain_cfg).run()
+    assert result["final_step"] == 30 * (600 // 32)
+    distilled = linear_probe(shards, tmp_path / "probe_distilled", f"encoder.checkpoint={tmp_path / 'pre'}")
+    random_init = linear_probe(shards, tmp_path / "probe_random", "encoder.from_scratch=true")
+    assert distilled >= random_init + 0.05, (distilled, random_init)
