@@ -23,6 +23,10 @@ from data_tools.images import to_rgb
 log = logging.getLogger(__name__)
 
 
+LOADER_TIMEOUT_S = 900     # a worker that delivers no batch for this long is an error, never a silent hang
+LOADER_JOIN_TIMEOUT_S = 5
+
+
 class SharedEpoch:
     """An epoch number the main process sets and (forked) loader workers read when they start iterating."""
 
@@ -231,6 +235,26 @@ def leave_stop_signals_to_main(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+class ShardLoader(DataLoader):
+    """A DataLoader whose iteration, when it ends (exhausted, closed or dropped), shuts the workers down and waits
+    for its queue-feeder threads to exit. A worker forked while another thread of the process is exiting can
+    deadlock inside CPython's fork before it runs a line (seen: an evaluation loader forked just as the training
+    loader's feeder threads were ending; rank 0 waited on it for ever, the other ranks in a collective)."""
+
+    def __iter__(self):
+        from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+        it = super().__iter__()
+        try:
+            yield from it
+        finally:
+            if isinstance(it, _MultiProcessingDataLoaderIter):
+                it._shutdown_workers()
+                for queue in getattr(it, "_index_queues", []):
+                    feeder = getattr(queue, "_thread", None)
+                    if feeder is not None:
+                        feeder.join(timeout=LOADER_JOIN_TIMEOUT_S)
+
+
 def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, batch_size: int,
                 transform: Callable[[Dict[str, Any]], Dict[str, Any]], num_workers: int = 2, seed: int = 0,
                 epoch: Optional[SharedEpoch] = None, rank: int = 0, world_size: int = 1, resampled: bool = True,
@@ -271,8 +295,9 @@ def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, bat
         per_worker = math.ceil(batches_per_epoch / workers)
         pipeline = pipeline.with_epoch(per_worker)
         num_batches = per_worker * workers
-    loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False, worker_init_fn=leave_stop_signals_to_main)
+    loader = ShardLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                         persistent_workers=False, worker_init_fn=leave_stop_signals_to_main,
+                         timeout=LOADER_TIMEOUT_S if num_workers else 0)
     loader.num_batches = num_batches
     loader.epoch = epoch
     loader.num_shards = n_shards

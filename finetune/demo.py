@@ -100,7 +100,9 @@ class Demo:
         self.torchrun("pretrain distilled", "pretrain/main.py", *pretrain,
                       f"run.output_dir={out / 'pretrain_distilled'}")
         finetune = ["--config", FINETUNE_CONFIG, *data, *self.finetune_overrides]
-        self.torchrun("fine-tune scratch", "finetune/main.py", *finetune, "--from-scratch",
+        # layer decay protects pretrained lower layers; a random encoder has none to protect (MAE's from-scratch
+        # baselines train without it), so scratch gets the same recipe and budget with layer_decay=1
+        self.torchrun("fine-tune scratch", "finetune/main.py", *finetune, "--from-scratch", "train.layer_decay=1.0",
                       f"run.output_dir={out / 'scratch'}")
         for name in ("mae_only", "distilled"):
             self.torchrun(f"fine-tune {name}", "finetune/main.py", *finetune, "--checkpoint",

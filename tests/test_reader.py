@@ -126,3 +126,21 @@ def test_two_ranks_two_workers(shards, tmp_path, mode):
             assert per_rank[0] != per_rank[1]
     if mode == "plain":
         assert result["epochs"]["0"][0] != result["epochs"]["1"][0]  # the shard order changes with the epoch
+
+
+def test_a_finished_loader_leaves_no_thread_behind(shards):
+    """Its workers are shut down and its feeder threads joined before the next loader forks workers (a fork while
+    a thread exits can deadlock the new worker inside CPython)."""
+    import threading
+
+    def feeders():
+        return [t for t in threading.enumerate() if t.name == "QueueFeederThread" and t.is_alive()]
+    pattern = sorted(str(p) for p in shards.glob("*.tar"))
+    loader = make_loader(pattern, batch_size=4, transform=key_label, num_workers=2, resampled=False, drop_last=False)
+    assert sum(len(b["key"]) for b in loader) == len(all_keys(shards)) and not feeders()
+    stream = iter(make_loader(pattern, batch_size=4, transform=key_label, num_workers=2, resampled=True,
+                              batches_per_epoch=40))
+    next(stream)
+    assert feeders()  # the workers' index queues are fed while it runs ...
+    stream.close()    # ... and a consumer that stops early ends them too
+    assert not feeders()
