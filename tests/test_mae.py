@@ -130,7 +130,8 @@ def test_mismatched_checkpoint_reports_exact_keys(tmp_path):
 def test_presets():
     assert get_arch("vit_l16").embed_dim == 1024 and get_arch("vit_l16").depth == 24
     assert get_arch("vit_h14").patch_size == 14 and get_arch("vit_b16", img_size=128).img_size == 128
-    with pytest.raises(ValueError, match="unknown model preset 'vit_x'; choose one of tiny, vit_b16"):
+    assert get_arch("tiny_p4").img_size // get_arch("tiny_p4").patch_size == 7  # 49 tokens at 28 px
+    with pytest.raises(ValueError, match="unknown model preset 'vit_x'; choose one of tiny, tiny_p4, vit_b16"):
         get_arch("vit_x")
 
 
