@@ -46,10 +46,11 @@ def test_distilled_encoder_beats_a_random_one_in_a_linear_probe(tmp_path):
     train = str(shards / "train" / "{00000..00005}.tar")
     pretrain_cfg = load_config(PretrainConfig, REPO / "configs/pretrain/demo.yaml", [
         f"data.train=[{train}]", f"data.teacher_cache={tmp_path / 'cache'}", f"run.output_dir={tmp_path / 'pre'}",
-        "data.num_workers=1", "train.epochs=30", "optim.warmup_epochs=3"])
+        "data.num_workers=1", "train.epochs=10", "optim.warmup_epochs=1"])
     cache_teacher([train], make_teacher(pretrain_cfg.teacher), str(tmp_path / "cache"), dtype="float32")
     result = Pretraining(pretrain_cfg).run()
-    assert result["final_step"] == 30 * (600 // 32)
+    assert result["final_step"] == 10 * (600 // 32)
     distilled = linear_probe(shards, tmp_path / "probe_distilled", f"encoder.checkpoint={tmp_path / 'pre'}")
     random_init = linear_probe(shards, tmp_path / "probe_random", "encoder.from_scratch=true")
+    print(f"linear probe test top-1: distilled {distilled:.3f}, random encoder {random_init:.3f}")
     assert distilled >= random_init + 0.05, (distilled, random_init)
