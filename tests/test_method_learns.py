@@ -54,3 +54,33 @@ def test_distilled_encoder_beats_a_random_one_in_a_linear_probe(tmp_path):
     random_init = linear_probe(shards, tmp_path / "probe_random", "encoder.from_scratch=true")
     print(f"linear probe test top-1: distilled {distilled:.3f}, random encoder {random_init:.3f}")
     assert distilled >= random_init + 0.05, (distilled, random_init)
+
+
+def test_demo_on_a_folder_writes_every_row(tmp_path):
+    """`make demo DEMO_SRC=DIR`: every step runs on a user's train/val/test tree; results.json has one row per run
+    and each row agrees with the run directory it came from (one epoch each: plumbing, not accuracy)."""
+    import json
+    import subprocess
+    import sys
+
+    from finetune.demo import RUNS
+    from image_data import make_class_tree
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        make_class_tree(tmp_path / "src" / split, ["calm", "storm", "dusk"], per_class=n, size=40)
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "finetune.demo", "--src", str(tmp_path / "src"), "--out", str(out),
+                           "--nproc", "1", "--pretrain-epochs", "1", "--finetune-epochs", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in result["runs"]] == list(RUNS) and result["seconds"] > 0
+    for row in result["runs"]:
+        metrics_file = next(p for p in (out / row["name"] / "metrics.json", out / row["name"] / "zeroshot.json")
+                            if p.is_file())
+        metrics = json.loads(metrics_file.read_text())
+        assert row["test_top1"] == metrics["test"]["top1"] and row["val_top1"] == metrics["val"]["top1"]
+        assert metrics["test"]["n"] == 12
+    assert "| zeroshot_student |" in done.stdout
+    again = subprocess.run([sys.executable, "-m", "finetune.demo", "--src", str(tmp_path / "nowhere"), "--out",
+                            str(tmp_path / "demo2")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "needs train/, val/ and test/ sub-folders" in again.stderr
