@@ -2,7 +2,7 @@
 text tower classify images without a head (CLIP's zero-shot recipe: several templates averaged per label).
 
     python -m finetune.zeroshot --checkpoint runs/vit_l16 --teacher-checkpoint /models/clip_b16.bin \
-        --dataset FI --data shards/FI            # top-1 / top-5 on the test split
+        --dataset FI --data shards/FI            # top-1 / top-3 / macro-F1 on the test split
     python -m finetune.zeroshot --checkpoint runs/demo --dataset fashion --data shards/fashion --teacher-only
 
 The teacher defaults to the run's own teacher section (override with --teacher-*). --teacher-only scores the
