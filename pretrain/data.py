@@ -37,9 +37,9 @@ class PretrainTransform:
     loader workers can run it. Both views are augmented independently."""
 
     def __init__(self, img_size: int, scale: Tuple[float, float], person: bool,
-                 tokenizer: Optional[Callable[[List[str]], torch.Tensor]], cached: bool):
+                 tokenizer: Optional[Callable[[List[str]], torch.Tensor]], cached: bool, keep_key: bool = False):
         self.view = train_view(img_size, scale)
-        self.person, self.tokenizer, self.cached = person, tokenizer, cached
+        self.person, self.tokenizer, self.cached, self.keep_key = person, tokenizer, cached, keep_key
 
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
         image, meta = sample["image"], sample["meta"]
@@ -51,6 +51,8 @@ class PretrainTransform:
             out["clip_text"] = torch.from_numpy(sample["sidecar"]["clip_text"]).float()
         elif self.tokenizer is not None:
             out["text"] = self.tokenizer([meta.get("text") or ""])[0]
+        if self.keep_key:
+            out["key"] = sample["__key__"]
         return out
 
 

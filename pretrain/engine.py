@@ -1,6 +1,8 @@
 """The pretraining loop: data, strategy step with accumulation, NaN policy, checkpoints and resume, metrics."""
+import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Dict
@@ -81,7 +83,8 @@ class Pretraining:
         seed_everything(cfg.run.seed + 1000 * self.env.rank)  # different augmentations on each rank
         self.transform = PretrainTransform(
             self.model.mae.arch.img_size, cfg.data.crop_scale, self.model.uses_person,
-            teacher.tokenizer if teacher is not None else None, distill and cfg.teacher.cached)
+            teacher.tokenizer if teacher is not None else None, distill and cfg.teacher.cached,
+            keep_key=cfg.debug.record_keys)
         self.epoch = SharedEpoch()
         self.step = 0
 
@@ -158,7 +161,15 @@ class Pretraining:
                  self.total_steps, self.steps_per_epoch, self.samples_per_step, cfg.optim.lr,
                  self.strategy.name, self.precision)
 
+        keys_log = None
+        if cfg.debug.record_keys:
+            (self.run_dir / "keys").mkdir(parents=True, exist_ok=True)
+            keys_log = open(self.run_dir / "keys" / f"rank{self.env.rank}.jsonl", "a")
+
         def forward(model, batch):
+            if keys_log is not None:
+                keys_log.write(json.dumps({"step": step, "epoch": (step - 1) // self.steps_per_epoch,
+                                           "keys": batch["key"]}) + "\n")
             out = model(batch)
             return out.loss, out.terms, out
 
@@ -194,15 +205,18 @@ class Pretraining:
                     time.sleep(cfg.debug.step_sleep_s)
         finally:
             stream.close()  # shuts the loader's workers down now, not at interpreter exit (where they would hang)
+            if keys_log is not None:
+                keys_log.close()
         logger.close()
         checksums = distributed.param_checksums(self.strategy.module)
+        hosts = distributed.all_gather_object(socket.gethostname())
         if self.env.is_main:
             export_weights(self.strategy.module, self.run_dir / "weights.safetensors", step)
             summary = {"final_step": step, "total_steps": self.total_steps, "resumed_from_step": start,
                        "stopped_by_signal": guard.signal_name if stopped else None,
                        "skipped_steps": guard.skipped_total, "world_size": self.env.world_size,
                        "strategy": self.strategy.name, "ranks_in_sync": len(set(checksums)) == 1,
-                       "param_checksums": checksums, "last_window": result}
+                       "param_checksums": checksums, "hosts": hosts, "last_window": result}
             atomic_write_json(self.run_dir / "result.json", summary)
         if stopped:
             log.warning("stopped by %s at step %d after saving a checkpoint; rerun (or requeue) to resume",
