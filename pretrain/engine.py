@@ -164,7 +164,7 @@ class Pretraining:
         keys_log = None
         if cfg.debug.record_keys:
             (self.run_dir / "keys").mkdir(parents=True, exist_ok=True)
-            keys_log = open(self.run_dir / "keys" / f"rank{self.env.rank}.jsonl", "a")
+            keys_log = open(self.run_dir / "keys" / f"rank{self.env.rank}.jsonl", "a", buffering=1)  # line by line
 
         def forward(model, batch):
             if keys_log is not None:

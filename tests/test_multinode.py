@@ -128,3 +128,92 @@ def test_submitit_pretraining_across_two_nodes(cluster, shards, tmp_path):
                        "--", "--config", *args, timeout=300)
     assert "finished" in done.stdout
     check_run(out)
+
+
+def wait_for_checkpoint(out: Path, step: int, timeout: float = 240) -> None:
+    from runtime.checkpoint import CheckpointStore, load_checkpoint
+    store = CheckpointStore(out / "checkpoints")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        latest = store.latest()
+        if latest is not None and load_checkpoint(latest)["step"] >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint at step {step} in {out}")
+
+
+def test_requeue_resumes_on_both_nodes(cluster, shards, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    job = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", f"--output={log}",
+                      "--export=ALL,NPROC_PER_NODE=2", "slurm/pretrain.sh",
+                      *trainer_args(shards, out, "train.epochs=4", "debug.step_sleep_s=0.4")).stdout.strip()
+    wait_for_checkpoint(out, 5)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)  # what Slurm sends ahead of a time limit
+    cluster.wait(job, {"PENDING"}, timeout=120)
+    stopped = json.loads((out / "result.json").read_text())
+    assert stopped["stopped_by_signal"] == "SIGTERM" and 5 <= stopped["final_step"] < 20
+    # a requeued job is held back until slurmd has cleaned the old instance up; as the admin, release it once
+    # both nodes are idle
+    deadline = time.time() + 60
+    while time.time() < deadline and cluster.run("sinfo", "-h", "-N", "-o", "%T").stdout.split() != ["idle"] * NODES:
+        time.sleep(0.5)
+    time.sleep(5)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    assert cluster.wait(job, {"COMPLETED"}) == "COMPLETED"
+    result = json.loads((out / "result.json").read_text())
+    assert result["resumed_from_step"] == stopped["final_step"] and result["final_step"] == 20
+    assert result["ranks_in_sync"] and Counter(result["hosts"]) == {"node1": 2, "node2": 2}
+    assert f"job {job} (restart 1): 2 node(s) x 2 processes" in log.read_text()
+
+
+def trainer_pids(cluster: Cluster, node: int) -> list:
+    """The training processes (ranks and their loader workers, not torchrun's agent) in a node's namespace."""
+    _, prefix = (cluster.base / "cluster").read_text().split()
+    pids = subprocess.run(["ip", "netns", "pids", f"{prefix}{node}"], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pretrain/main.py" in cmdline and b"torch.distributed.run" not in cmdline:
+            found.append(int(pid))
+    return found
+
+
+def test_a_node_killed_mid_run_ends_the_job_and_a_rerun_resumes(cluster, shards, tmp_path):
+    import signal
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    timeout_s, ckpt_every = 60, 5
+    args = trainer_args(shards, out, "train.epochs=4", "debug.step_sleep_s=0.4", f"run.dist_timeout_s={timeout_s}")
+    sbatch = ["sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", f"--output={log}",
+              "--export=ALL,NPROC_PER_NODE=2", "--no-requeue", "slurm/pretrain.sh", *args]
+    job = cluster.run(*sbatch).stdout.strip()
+    wait_for_checkpoint(out, 7)
+    victims = trainer_pids(cluster, 2)
+    assert len(victims) == 4, victims  # 2 ranks and their loader workers
+    killed_at_step = max(json.loads(line)["step"] for line in (out / "keys" / "rank0.jsonl").read_text().splitlines())
+    start = time.time()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    state = _wait_terminal(cluster, job, timeout_s + 120)
+    ended_after = time.time() - start
+    print(f"job {job} ended {state} {ended_after:.1f} s after node2's trainers were killed at step {killed_at_step}")
+    assert state == "FAILED" and ended_after < timeout_s + 60, (state, ended_after)
+    assert not trainer_pids(cluster, 1) and not trainer_pids(cluster, 2)  # nothing left holding the nodes
+    rerun = cluster.run(*sbatch).stdout.strip()
+    assert cluster.wait(rerun, {"COMPLETED"}) == "COMPLETED"
+    result = json.loads((out / "result.json").read_text())
+    assert result["final_step"] == 20 and result["ranks_in_sync"]
+    assert killed_at_step - ckpt_every <= result["resumed_from_step"] <= killed_at_step
+    print(f"rerun resumed from step {result['resumed_from_step']} (killed at {killed_at_step})")
+
+
+def _wait_terminal(cluster: Cluster, job: str, timeout: float) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state, _ = cluster.job_state(job)
+        if state in ("FAILED", "COMPLETED", "CANCELLED", "NODE_FAIL", "TIMEOUT"):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} still running {timeout} s after a node's trainers were killed")
