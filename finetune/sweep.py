@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -85,7 +87,8 @@ def run_trial(config: Dict[str, Any]) -> None:
     last: Dict[str, Any] = {}
 
     def report(epoch: int, val: Dict[str, Any]) -> None:
-        row = {"val_metric": float(val[meta_primary(val)]), "epoch": epoch, "trial_dir": str(trial_dir)}
+        row = {"val_metric": float(val[meta_primary(val)]), "epoch": epoch, "trial_dir": str(trial_dir),
+               "node": socket.gethostname()}
         if epoch < cfg.train.epochs:
             tune.report(row)
         else:
@@ -132,6 +135,7 @@ def collect(cfg: SweepConfig, dataset: str, grid) -> List[Dict[str, Any]]:
             metrics = json.loads((Path(trial_dir) / "metrics.json").read_text())
         status = "failed" if result.error else ("completed" if metrics else "stopped early (ASHA)")
         rows.append({"dataset": dataset, "trial": Path(result.path).name, "status": status,
+                     "node": (result.metrics or {}).get("node", ""),
                      "error": error_line(result.error) if result.error else "",
                      "params": params, "epochs": len(curve), "curve": curve,
                      "best_val": max((v for _, v in curve), default=None) if cfg.mode == "max" else
@@ -152,10 +156,10 @@ def write_reports(out: Path, rows: List[Dict[str, Any]], mode: str) -> Dict[str,
     keys = sorted({k for r in rows for k in r["params"]})
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["dataset", "trial", "status", *keys, "epochs", "best_val", "test", "error"])
+    writer.writerow(["dataset", "trial", "status", *keys, "epochs", "best_val", "test", "node", "error"])
     for r in rows:
         writer.writerow([r["dataset"], r["trial"], r["status"], *(r["params"].get(k) for k in keys), r["epochs"],
-                         r["best_val"], r["test"], r["error"]])
+                         r["best_val"], r["test"], r["node"], r["error"]])
     atomic_write_text(out / "results.csv", buf.getvalue())
     best = {}
     for r in rows:
@@ -202,11 +206,38 @@ def plot_curves(path: Path, rows: List[Dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def connect(address: str, nodes: int, timeout_s: float) -> None:
+    """Join an existing Ray cluster once its head answers and `nodes` nodes are alive (no fixed sleeps): a
+    launcher starts the head, the workers and this driver at the same time."""
+    import ray
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            ray.init(address=address, log_to_driver=False)
+            break
+        except ConnectionError as e:
+            if time.time() > deadline:
+                raise ConnectionError(f"no Ray head answered at {address} within {timeout_s:.0f} s: {e}") from None
+            time.sleep(1)
+    while True:
+        alive = sum(1 for n in ray.nodes() if n["Alive"])
+        if alive >= nodes:
+            log.info("Ray cluster at %s: %d node(s) alive", address, alive)
+            return
+        if time.time() > deadline:
+            ray.shutdown()
+            raise TimeoutError(f"Ray cluster at {address}: {alive} of {nodes} nodes alive after {timeout_s:.0f} s")
+        time.sleep(1)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", help="a subset of the config's datasets")
     parser.add_argument("--address", help="an existing Ray cluster (e.g. auto); default: a local Ray")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
+    parser.add_argument("--wait-nodes", type=int, default=0,
+                        help="with --address: wait (up to --wait-s) until the cluster has this many nodes")
+    parser.add_argument("--wait-s", type=float, default=300)
     try:
         cfg, args = parse_cli(SweepConfig, argv, description=__doc__, parser=parser)
         check_space(cfg)
@@ -221,8 +252,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import ray
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
-    ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus, include_dashboard=False,
-             log_to_driver=False)
+    if args.address:
+        connect(args.address, args.wait_nodes, args.wait_s)
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -217,3 +217,62 @@ def _wait_terminal(cluster: Cluster, job: str, timeout: float) -> str:
             return state
         time.sleep(0.5)
     raise AssertionError(f"job {job} still running {timeout} s after a node's trainers were killed")
+
+
+def ray_trial_pids() -> list:
+    """Processes running a Ray Tune trial (a function trainable's actor: title ray::ImplicitFunc.train)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::ImplicitFunc"):
+            found.append(int(proc.name))
+    return found
+
+
+def test_sweep_across_two_nodes(cluster, tmp_path):
+    """A Ray head on node1 and a worker on node2 (token auth, no fixed sleeps); four one-CPU trials on two
+    2-CPU nodes run on both; a trial killed mid-run is retried; results.md is written."""
+    import signal
+
+    import yaml
+
+    from data_tools.folder import shard_folder
+    from data_tools.registry import REGISTRY
+    from data_tools.samples import ImageOptions
+    from image_data import make_class_tree
+    make_class_tree(tmp_path / "src", REGISTRY["Emotion6"].classes, per_class=16, size=36)
+    shard_folder("Emotion6", str(tmp_path / "src"), str(tmp_path / "shards"), shard_size=100, min_shards=1,
+                 options=ImageOptions(detector="none"))
+    sweep = {"output_dir": str(tmp_path / "sweep"), "datasets": {"Emotion6": str(tmp_path / "shards")},
+             "base_config": str(REPO / "configs/finetune/tiny.yaml"),
+             "base_overrides": ["encoder.from_scratch=true", "train.epochs=6", "data.num_workers=0",
+                                "aug.auto_augment=null", "debug.step_sleep_s=0.3"],
+             "search_space": {"optim.blr": {"grid": [1e-3, 2e-3, 3e-3, 4e-3]}}, "num_samples": 1,
+             "scheduler": {"name": "fifo"}, "resources_per_trial": {"cpu": 1}, "max_failures": 1}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    log = tmp_path / "job.log"
+    job = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", f"--output={log}",
+                      "slurm/sweep.sh", "--config", tmp_path / "sweep.yaml").stdout.strip()
+    deadline = time.time() + 240
+    while time.time() < deadline and not ray_trial_pids():
+        time.sleep(0.5)
+    time.sleep(3)
+    victims = ray_trial_pids()
+    assert victims, f"no trial process appeared:\n{log.read_text() if log.exists() else ''}"
+    os.kill(victims[0], signal.SIGKILL)
+    assert cluster.wait(job, {"COMPLETED"}, timeout=600) == "COMPLETED", log.read_text()
+    import csv
+    rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
+    assert {r["node"] for r in rows} == {"node1", "node2"}, rows
+    assert (tmp_path / "sweep" / "results.md").is_file()
+    text = log.read_text()
+    assert "Ray cluster at" in text and "2 node(s) alive" in text
+    assert "InvalidAuthToken" not in text and "Usage stats collection is enabled" not in text
+    host_state = Path("/tmp/ray/ray_current_cluster")  # the nodes kept their Ray state to themselves
+    assert not host_state.exists() or "10.213." not in host_state.read_text()

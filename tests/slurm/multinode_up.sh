@@ -69,9 +69,12 @@ CONF
 for k in $(seq 1 "$NODES"); do echo "NodeName=node$k NodeAddr=$NET.$k CPUs=$CPUS RealMemory=4000 State=UNKNOWN"; done
 echo "PartitionName=debug Nodes=node[1-$NODES] Default=YES MaxTime=INFINITE State=UP"
 } > "$BASE/slurm.conf"
-start() {  # node k, command: in the node's network namespace, with its own host name and /etc/hosts view
+mkdir -p /tmp/ray
+start() {  # node k, command: in the node's network namespace, with its own host name, /etc/hosts view and
+           # /tmp/ray (Ray keeps per-host state there: nodes sharing it would find each other's sessions)
+  mkdir -p "$BASE/tmp-ray/node$1"
   nsenter --net=/var/run/netns/${PFX}$1 unshare --uts --mount sh -c \
-    "mount --bind $BASE/hosts /etc/hosts; hostname node$1; $2"
+    "mount --bind $BASE/hosts /etc/hosts; mount --bind $BASE/tmp-ray/node$1 /tmp/ray; hostname node$1; $2"
 }
 start 1 "setsid slurmctld -f $BASE/slurm.conf"
 for k in $(seq 1 "$NODES"); do start $k "setsid slurmd -f $BASE/slurm.conf -N node$k"; done
