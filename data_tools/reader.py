@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.filters import _shuffle
 
 from data_tools.images import to_rgb
+from data_tools.remote import URL_TIMEOUT_S, open_shard, shard_name
 
 log = logging.getLogger(__name__)
 
 
 LOADER_TIMEOUT_S = 900     # a worker that delivers no batch for this long is an error, never a silent hang
 LOADER_JOIN_TIMEOUT_S = 5
+MAX_FAILED_OPENS = 50      # shards in a row that cannot be opened: the source is unreadable, an error
 
 
 class SharedEpoch:
@@ -41,7 +43,8 @@ class SharedEpoch:
 
 
 class CorruptCounter:
-    """Samples dropped in this process (one per loader worker), by reason; warnings are rate-limited."""
+    """Samples dropped in this process (one per loader worker), by reason; warnings are rate-limited. A shard that
+    cannot be opened or breaks off counts once (its lost samples are not known)."""
 
     def __init__(self):
         self.pending = 0
@@ -52,7 +55,7 @@ class CorruptCounter:
         self.total[reason] = self.total.get(reason, 0) + 1
         n = sum(self.total.values())
         if n <= 5 or n % 1000 == 0:
-            log.warning("skipped corrupt sample (%s, %d so far in this worker): %s", reason, n, detail)
+            log.warning("dropped (%s, %d so far in this worker): %s", reason, n, detail)
 
     def take(self) -> int:
         n, self.pending = self.pending, 0
@@ -66,6 +69,38 @@ def _count_tar_error(exn: Exception) -> bool:
     """webdataset handler: a broken tar (truncated, unreadable) is counted, and reading goes on."""
     COUNTER.add("bad_tar", repr(exn))
     return True
+
+
+def tar_samples(timeout_s: float = URL_TIMEOUT_S):
+    """Shard URLs -> raw samples (webdataset's tar expansion and grouping by key). A shard that cannot be opened
+    (missing, 404/500, refused) or breaks off mid-tar (truncated, connection dropped, read timeout) is counted and
+    logged, and reading goes on; MAX_FAILED_OPENS failed opens in a row are an error naming the last shard."""
+    from contextlib import closing
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def members(src: Iterable[Dict[str, str]]):
+        failed = 0
+        for item in src:
+            url = item["url"]
+            try:
+                stream = open_shard(url, timeout_s)
+            except Exception as e:
+                COUNTER.add("unreadable_shard", f"{url}: {type(e).__name__}: {e}")
+                failed += 1
+                if failed >= MAX_FAILED_OPENS:
+                    raise RuntimeError(f"no shard could be read: the last {failed} failed to open, the last "
+                                       f"being {url} ({type(e).__name__}: {e})") from e
+                continue
+            failed = 0
+            try:
+                with closing(stream):
+                    yield from tar_file_expander([{"url": url, "stream": stream}], handler=_count_tar_error)
+            except Exception as e:  # e.g. a pipe: command that exited non-zero, noticed when closed
+                COUNTER.add("bad_tar", f"{url}: {type(e).__name__}: {e}")
+
+    def stage(src: Iterable[Dict[str, str]]):
+        return group_by_keys(members(src), handler=_count_tar_error)
+    return stage
 
 
 def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
@@ -142,9 +177,9 @@ def attach_sidecar(sidecar_dir: str):
             url = sample.get("__url__")
             if url != current:
                 current = url
-                members, error = read_tar(Path(sidecar_dir) / Path(url).name)
+                members, error = read_tar(Path(sidecar_dir) / shard_name(url))
                 if error:
-                    COUNTER.add("bad_sidecar", f"{sidecar_dir}/{Path(url).name}: {error}")
+                    COUNTER.add("bad_sidecar", f"{sidecar_dir}/{shard_name(url)}: {error}")
                 arrays = {k: {ext.removesuffix(".npy"): np.load(io.BytesIO(b)) for ext, b in v.items()}
                           for k, v in members.items()}
             extra = arrays.get(sample["__key__"])
@@ -260,12 +295,14 @@ def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, bat
                 epoch: Optional[SharedEpoch] = None, rank: int = 0, world_size: int = 1, resampled: bool = True,
                 batches_per_epoch: Optional[int] = None, weights: Optional[Sequence[float]] = None,
                 shuffle_buffer: int = 1000, image_format: str = "pil", drop_last: bool = True,
-                sidecar_dir: Optional[str] = None, segment: int = 0) -> DataLoader:
+                sidecar_dir: Optional[str] = None, segment: int = 0,
+                url_timeout_s: float = URL_TIMEOUT_S) -> DataLoader:
     """A DataLoader over shards. `urls`: a brace pattern, a list of shards, or a list of sources (lists) to mix
     by `weights` (resampled only). `batches_per_epoch`: batches each rank gets per epoch (rounded up to a
     multiple of num_workers; the loader's `num_batches` says how many) — required when resampled.
     `sidecar_dir`: a directory of sidecar shards merged by key (sample["sidecar"]). `segment`: for a run resumed
-    part-way through an epoch, a different seeded stream for the rest of that epoch."""
+    part-way through an epoch, a different seeded stream for the rest of that epoch. Shards are paths, http(s)
+    URLs or `pipe:` commands; `url_timeout_s` bounds each connection and read."""
     if isinstance(urls, str) or (urls and isinstance(urls[0], str)):
         sources = [expand_urls(urls)]
     else:
@@ -284,7 +321,7 @@ def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, bat
         raise ValueError("resampled shards are endless: give batches_per_epoch")
     epoch = epoch or SharedEpoch()
     stages = [ShardList(sources, weights, resampled, seed, epoch, rank, world_size, segment),
-              wds.tarfile_to_samples(handler=_count_tar_error)]
+              tar_samples(url_timeout_s)]
     if sidecar_dir:
         stages.append(attach_sidecar(sidecar_dir))
     stages += [seeded_shuffle(shuffle_buffer, seed, epoch, rank, segment), decode_samples(image_format),

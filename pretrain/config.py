@@ -56,7 +56,8 @@ class DataConfig:
     num_workers: int = 4
     shuffle_buffer: int = 2000
     resampled: bool = True                  # draw shards with replacement (fixed steps per epoch on every rank)
-    samples_per_epoch: Optional[int] = None # default: the shards' sizes.json totals
+    samples_per_epoch: Optional[int] = None # default: the shards' sizes.json totals (needed for pipe: shards)
+    url_timeout_s: float = 60.0             # http(s) shards: connect and per-read timeout
     crop_scale: Tuple[float, float] = (0.2, 1.0)
 
 

@@ -1,5 +1,4 @@
 """Pretraining batches from shards: scene view, person-crop view, text tokens or cached teacher embeddings."""
-import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -8,6 +7,7 @@ from PIL import Image
 from torchvision import transforms
 
 from data_tools.reader import SharedEpoch, expand_urls, make_loader
+from data_tools.remote import URL_TIMEOUT_S, is_remote, read_sizes, shard_name
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -56,30 +56,29 @@ class PretrainTransform:
         return out
 
 
-def count_samples(patterns: Sequence[str]) -> int:
-    """Samples in the shards, from the sizes.json written beside them by data_tools."""
-    total = 0
+def count_samples(patterns: Sequence[str], timeout_s: float = URL_TIMEOUT_S) -> int:
+    """Samples in the shards, from the sizes.json written beside them by data_tools (local or http(s))."""
+    total, cache = 0, {}
     for url in expand_urls(list(patterns)):
-        sizes_file = Path(url).parent / "sizes.json"
-        if not sizes_file.is_file():
-            raise ValueError(f"{sizes_file} not found: set data.samples_per_epoch (shards not made by data_tools?)")
-        sizes = json.loads(sizes_file.read_text())
-        if Path(url).name not in sizes:
-            raise ValueError(f"{sizes_file} does not list {Path(url).name}: set data.samples_per_epoch")
-        total += sizes[Path(url).name]
+        sizes = read_sizes(url, timeout_s, cache)
+        if shard_name(url) not in sizes:
+            raise ValueError(f"the sizes.json beside {url} does not list {shard_name(url)}: set data.samples_per_epoch")
+        total += sizes[shard_name(url)]
     return total
 
 
 def check_shards(patterns: Sequence[str]) -> List[List[str]]:
-    """Each source's shard files; a missing or empty shard list is an error naming the pattern."""
+    """Each source's shards; a missing or empty local shard is an error naming the pattern (remote shards are
+    checked as they are read: an unreadable one is counted and skipped)."""
     sources = []
     for pattern in patterns:
         urls = expand_urls(pattern)
-        missing = [u for u in urls if not Path(u).is_file()]
+        local = [u for u in urls if not is_remote(u)]
+        missing = [u for u in local if not Path(u).is_file()]
         if not urls or missing:
             raise FileNotFoundError(f"data.train: {pattern!r} — {len(missing)} of {len(urls)} shards missing"
                                     + (f", e.g. {missing[0]}" if missing else ""))
-        empty = [u for u in urls if Path(u).stat().st_size == 0]
+        empty = [u for u in local if Path(u).stat().st_size == 0]
         if empty:
             raise ValueError(f"data.train: empty shard file(s), e.g. {empty[0]}")
         sources.append(urls)
@@ -93,4 +92,4 @@ def build_loader(data, transform: PretrainTransform, *, batches: int, seed: int,
                        num_workers=data.num_workers, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                        resampled=data.resampled, batches_per_epoch=batches if data.resampled else None,
                        weights=data.weights, shuffle_buffer=data.shuffle_buffer, drop_last=True,
-                       sidecar_dir=data.teacher_cache, segment=segment)
+                       sidecar_dir=data.teacher_cache, segment=segment, url_timeout_s=data.url_timeout_s)

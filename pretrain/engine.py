@@ -60,7 +60,7 @@ class Pretraining:
         world, batch = self.env.world_size, cfg.data.batch_size
         self.samples_per_step = batch * cfg.optim.accum_steps * world
         check_shards(cfg.data.train)  # missing or empty shards: an error naming them, before anything is built
-        samples = cfg.data.samples_per_epoch or count_samples(cfg.data.train)
+        samples = cfg.data.samples_per_epoch or count_samples(cfg.data.train, cfg.data.url_timeout_s)
         self.steps_per_epoch = max(1, samples // self.samples_per_step)
         self.total_steps = max(1, int(round(cfg.train.epochs * self.steps_per_epoch)))
         cfg.optim.lr = scaled_lr(cfg.optim, batch, world)
@@ -115,11 +115,18 @@ class Pretraining:
                 loader = build_loader(self.cfg.data, self.transform, batches=needed, seed=self.cfg.run.seed,
                                       epoch=self.epoch, rank=self.env.rank, world_size=self.env.world_size,
                                       segment=segment)
+                got = 0
                 for batch in loader:
+                    got += 1
                     yield batch
                     needed -= 1
                     if needed == 0:
                         break
+                if got == 0:  # another pass would read the same nothing: an error, not an endless loop
+                    raise RuntimeError(
+                        f"rank {self.env.rank}: a whole pass over its {loader.num_shards} shards of "
+                        f"{self.cfg.data.train} gave no batch of {self.cfg.data.batch_size} (unreadable shards "
+                        f"or too few samples; the warnings above name each shard that failed)")
                 segment += 1_000_003  # plain shards ran out on this rank: another pass, so ranks stay in step
             epoch, in_epoch = epoch + 1, 0
 
@@ -156,7 +163,7 @@ class Pretraining:
                                          generator=torch.Generator().manual_seed(0)).to(self.device)}
 
         stream = self.batches(start)
-        step, stopped, result = start, False, {}
+        step, stopped, result, dropped = start, False, {}, 0
         log.info("training steps %d..%d (%d per epoch), %d samples per step, lr %.3g, %s, %s", start + 1,
                  self.total_steps, self.steps_per_epoch, self.samples_per_step, cfg.optim.lr,
                  self.strategy.name, self.precision)
@@ -183,6 +190,7 @@ class Pretraining:
                                       self.precision, self.device, self.input_dtype, on_loss=self.inject_faults,
                                       on_first_batch=first_batch if flops_per_sample is None else None)
                 stopped = stopped or done.stop
+                dropped += done.corrupt
                 values = {} if done.skipped else {"loss": done.loss.detach(),
                                                   **{f"loss_{k}": v.detach() for k, v in done.terms.items()}}
                 window = logger.update(step, samples=cfg.data.batch_size * cfg.optim.accum_steps,
@@ -210,13 +218,15 @@ class Pretraining:
         logger.close()
         checksums = distributed.param_checksums(self.strategy.module)
         hosts = distributed.all_gather_object(socket.gethostname())
+        dropped = int(distributed.all_reduce_sum(torch.tensor(float(dropped), device=self.device)).item())
         if self.env.is_main:
             export_weights(self.strategy.module, self.run_dir / "weights.safetensors", step)
             summary = {"final_step": step, "total_steps": self.total_steps, "resumed_from_step": start,
                        "stopped_by_signal": guard.signal_name if stopped else None,
                        "skipped_steps": guard.skipped_total, "world_size": self.env.world_size,
                        "strategy": self.strategy.name, "ranks_in_sync": len(set(checksums)) == 1,
-                       "param_checksums": checksums, "hosts": hosts, "last_window": result}
+                       "param_checksums": checksums, "hosts": hosts, "dropped_in_this_run": dropped,
+                       "last_window": result}
             atomic_write_json(self.run_dir / "result.json", summary)
         if stopped:
             log.warning("stopped by %s at step %d after saving a checkpoint; rerun (or requeue) to resume",

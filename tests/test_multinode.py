@@ -1,5 +1,6 @@
 """Several nodes for real: a two-node Slurm in network namespaces (own address and host name per node), pretraining
-across both nodes with 2 processes each (DDP and DeepSpeed ZeRO-2) by sbatch and by submitit."""
+across both nodes with 2 processes each (DDP and DeepSpeed ZeRO-2) by sbatch and by submitit, requeue, a node's death,
+a Ray sweep over both nodes, and shards streamed over http from a faulty server on one node."""
 import json
 import os
 import shutil
@@ -276,3 +277,36 @@ def test_sweep_across_two_nodes(cluster, tmp_path):
     assert "InvalidAuthToken" not in text and "Usage stats collection is enabled" not in text
     host_state = Path("/tmp/ray/ray_current_cluster")  # the nodes kept their Ray state to themselves
     assert not host_state.exists() or "10.213." not in host_state.read_text()
+
+
+def test_ranks_on_both_nodes_stream_shards_from_a_server_with_faults(cluster, shards, tmp_path):
+    """A shard server on node1 (http://node1:PORT); one shard answers 404 and one breaks off mid-tar. The 4 ranks
+    read only over the network, the losses are counted and logged, the run goes on to its last step."""
+    import signal
+    shard_dir = Path(shards).parent
+    server = subprocess.Popen(
+        ["bash", str(HERE / "multinode_exec.sh"), str(cluster.base), "1", sys.executable, "tests/shard_server.py",
+         str(shard_dir), "--bind", "0.0.0.0", "--fail", "00002.tar=404", "--drop", "00005.tar"],
+        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        port = server.stdout.readline().strip().rsplit(":", 1)[-1]
+        assert port.isdigit(), f"shard server did not start (exit {server.poll()})"
+        out, log = tmp_path / "run", tmp_path / "job.log"
+        url = f"http://node1:{port}/{{00000..00007}}.tar"
+        job = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", f"--output={log}",
+                          "--export=ALL,NPROC_PER_NODE=2", "slurm/pretrain.sh",
+                          *trainer_args(url, out, "data.url_timeout_s=10")).stdout.strip()
+        assert cluster.wait(job, {"COMPLETED"}) == "COMPLETED"
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    result = json.loads((out / "result.json").read_text())
+    assert result["final_step"] == 10 and result["ranks_in_sync"]
+    assert Counter(result["hosts"]) == {"node1": 2, "node2": 2}
+    for rank in range(4):  # every rank, node2's too, trained on what it read over the network
+        assert (out / "keys" / f"rank{rank}.jsonl").read_text().strip(), rank
+    assert result["dropped_in_this_run"] >= 4, result  # both bad shards, in each of the 2 epochs
+    text = log.read_text()
+    assert "unreadable_shard" in text and "HTTP Error 404" in text and "00002.tar" in text
+    assert "bad_tar" in text and "00005.tar" in text
+    print(f"streamed run: {result['dropped_in_this_run']} losses counted, final step {result['final_step']}")
