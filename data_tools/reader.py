@@ -20,6 +20,7 @@ from webdataset.filters import _shuffle
 
 from data_tools.images import to_rgb
 from data_tools.remote import URL_TIMEOUT_S, open_shard, shard_name
+from runtime.launcher_watch import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +265,9 @@ def batch_with_counts(batch_size: int, partial: bool):
 
 def leave_stop_signals_to_main(worker_id: int) -> None:
     """Loader workers ignore SIGTERM/SIGUSR1: at preemption Slurm signals every process of the job, and the
-    training process must be able to read its next batch, checkpoint and exit by itself."""
+    training process must be able to read its next batch, checkpoint and exit by itself. They die with it."""
     import signal
+    die_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 

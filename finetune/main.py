@@ -11,6 +11,7 @@ if __package__ in (None, ""):  # run as a file (torchrun finetune/main.py): make
 from finetune.config import FinetuneConfig  # noqa: E402
 from runtime import distributed  # noqa: E402
 from runtime.config import ConfigError, parse_cli  # noqa: E402
+from runtime.launcher_watch import exit_with_launcher  # noqa: E402
 
 log = logging.getLogger("finetune")
 
@@ -33,7 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    distributed.setup_logging(distributed.resolve_env().rank)
+    env = distributed.resolve_env()
+    distributed.setup_logging(env.rank)
+    exit_with_launcher(env.launcher)
     from data_tools.registry import UnknownDatasetError
     from runtime.checkpoint import CheckpointError
     from runtime.guard import NonFiniteLossError

@@ -77,6 +77,8 @@ def run_trial(config: Dict[str, Any]) -> None:
     from ray import tune
 
     from finetune.engine import Finetuning
+    from runtime.launcher_watch import exit_with_launcher
+    exit_with_launcher("ray", "the Ray node's raylet")  # a trial ends with the raylet that started it
     meta = config["__sweep"]
     params = {k: v for k, v in config.items() if k != "__sweep"}
     trial_dir = Path(meta["output_dir"]) / "trials" / meta["dataset"] / tune.get_context().get_trial_id()

@@ -10,6 +10,7 @@ if __package__ in (None, ""):  # run as a file (torchrun pretrain/main.py): make
 from pretrain.config import PretrainConfig  # noqa: E402
 from runtime import distributed  # noqa: E402
 from runtime.config import ConfigError, parse_cli  # noqa: E402
+from runtime.launcher_watch import exit_with_launcher  # noqa: E402
 
 log = logging.getLogger("pretrain")
 
@@ -22,6 +23,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     env = distributed.resolve_env()
     distributed.setup_logging(env.rank)
+    exit_with_launcher(env.launcher)
     from pretrain.engine import Pretraining, EXIT_STOPPED
     from runtime.checkpoint import CheckpointError
     from runtime.guard import NonFiniteLossError

@@ -21,6 +21,7 @@ from runtime.atomic import atomic_write_json
 from runtime.checkpoint import CheckpointStore, decide_resume
 from runtime.config import OptimConfig, RunConfig, config_to_dict, config_to_yaml, parse_cli, scaled_lr, \
     write_run_metadata
+from runtime.launcher_watch import exit_with_launcher
 from runtime.metric_logger import MetricLogger
 from runtime.optim import adamw
 from runtime.schedule import warmup_cosine_lr
@@ -120,7 +121,9 @@ def train(cfg: SmokeConfig) -> Dict[str, object]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg, _ = parse_cli(SmokeConfig, argv, description=__doc__)
-    distributed.setup_logging(distributed.resolve_env().rank)
+    env = distributed.resolve_env()
+    distributed.setup_logging(env.rank)
+    exit_with_launcher(env.launcher)
     try:
         result = train(cfg)
         distributed.shutdown(wait_for_peers=True)
