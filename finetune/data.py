@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from data_tools.folder import shard_folder
 from data_tools.reader import SharedEpoch, make_loader
-from data_tools.registry import REGISTRY, get_dataset
+from data_tools.registry import REGISTRY, UnknownDatasetError, get_dataset
 from data_tools.samples import ImageOptions
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
 from runtime import distributed
@@ -49,8 +49,12 @@ def resolve_dataset(dataset: str, root: Optional[str], run_dir: Path, task: Opti
         distributed.barrier()
     info = json.loads((root_path / "info.json").read_text())
     registered = {k.lower(): k for k in REGISTRY}
-    if dataset.lower() in registered and info["dataset"].lower() != dataset.lower():
-        raise ValueError(f"{root_path} holds {info['dataset']!r}, not {dataset!r}")
+    if info["dataset"].lower() != dataset.lower():  # results would be filed under a name that is not the data's
+        if dataset.lower() not in registered:
+            raise UnknownDatasetError(f"unknown dataset {dataset!r}; registered: {', '.join(REGISTRY)}; the shards "
+                                      f"in {root_path} hold {info['dataset']!r} (pass --dataset {info['dataset']})")
+        raise ValueError(f"--dataset {dataset!r} does not match the shards in {root_path}, which hold "
+                         f"{info['dataset']!r} (pass --dataset {info['dataset']}, or the shards of {dataset})")
     if dataset.lower() in registered:
         expected = [c.lower() for c in REGISTRY[registered[dataset.lower()]].classes]
         if [c.lower() for c in info["classes"]] != expected:

@@ -25,6 +25,7 @@ from runtime.config import load_config
 
 from conftest import REPO, TINY_CLIP, clean_env, kill_tree, run_torchrun, torchrun_cmd
 from image_data import emotion6_shards, jpeg_bytes, make_class_tree, photo_crop
+from pretrain_fixtures import make_pretrain_shards
 from test_mae import official_state_dict
 
 
@@ -193,6 +194,15 @@ def test_bad_input(emotion6, tmp_path, capsys):
     rc = finetune_main(["--config", "configs/finetune/tiny.yaml", "--dataset", "FI", "--data", str(emotion6),
                         "--from-scratch", f"run.output_dir={tmp_path / 'c'}"])
     assert rc == 3
+    # shards of another dataset: a registered name, an unknown one, a generic one — each an error naming both
+    rc = finetune_main(["--config", "configs/finetune/tiny.yaml", "--dataset", "FOO", "--data", str(emotion6),
+                        "--from-scratch", f"run.output_dir={tmp_path / 'd'}"])
+    assert rc == 3 and not (tmp_path / "d" / "metrics.json").exists()
     err = capsys.readouterr().err
     assert "class folder 'boredom' is not a class of Emotion6" in err
-    assert "holds 'Emotion6', not 'FI'" in err
+    assert "--dataset 'FI' does not match the shards in" in err and "which hold 'Emotion6'" in err
+    assert "unknown dataset 'FOO'; registered: FI, Emotion6" in err and "hold 'Emotion6' (pass --dataset Emotion6)" in err
+    from finetune.data import resolve_dataset
+    generic = make_pretrain_shards(tmp_path / "toy", per_class=10, shards=2)  # shards of the generic 'toy'
+    with pytest.raises(ValueError, match="--dataset 'Emotion6' does not match .* which hold 'toy'"):
+        resolve_dataset("Emotion6", str(Path(generic).parent.parent), tmp_path / "run")
