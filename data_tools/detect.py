@@ -91,12 +91,13 @@ class TorchvisionDetector:
     """A torchvision detection model (COCO labels, person = 1) with weights from a local file; never downloads."""
 
     def __init__(self, arch: str, weights_path: str, min_score: float = 0.5):
-        import torch
         import torchvision
+
+        from runtime.checkpoint import safe_torch_load
         if not Path(weights_path).is_file():
             raise FileNotFoundError(f"detector weights not found: {weights_path} (give a local .pth state dict)")
         self.model = torchvision.models.get_model(arch, weights=None, weights_backbone=None, num_classes=91)
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(weights_path)
         self.model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         self.model.eval()
         self.min_score = min_score

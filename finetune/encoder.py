@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from pretrain.mae import MAEArch, get_arch
-from runtime.checkpoint import CheckpointError, check_schema, find_checkpoint, STATE_FILE
+from runtime.checkpoint import CheckpointError, STATE_FILE, check_schema, find_checkpoint, safe_torch_load
 
 log = logging.getLogger(__name__)
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
@@ -34,6 +34,37 @@ def _arch_from_config(model_cfg: Dict) -> MAEArch:
     return get_arch(model_cfg.get("preset", "vit_b16"), **{k: v for k, v in model_cfg.items() if k in fields})
 
 
+def arch_from_metadata(meta: Dict[str, str], path: Path) -> MAEArch:
+    """The architecture a safetensors file of ours declares (`arch` as JSON, or `arch.*` keys); a clear error when
+    the declaration cannot be read."""
+    types = {f.name: f.type for f in dataclasses.fields(MAEArch)}
+    try:
+        if "arch" in meta:
+            return MAEArch(**json.loads(meta["arch"]))
+        return MAEArch(**{k[5:]: (float if types[k[5:]] in (float, "float") else int)(v)
+                          for k, v in meta.items() if k.startswith("arch.") and k[5:] in types})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its metadata does not describe an architecture ({type(e).__name__}: {e}); "
+                              f"expected the fields {sorted(types)}") from None
+
+
+def check_arch_fits(state: Dict[str, torch.Tensor], arch: MAEArch, path: Path) -> None:
+    """Width, patch size and depth read from the tensors must be what the metadata declares."""
+    names = {k[4:] if k.startswith("mae.") else k: v for k, v in state.items()}
+    proj = names.get("patch_embed.proj.weight")
+    blocks = {int(k.split(".")[1]) for k in names if k.startswith("blocks.")}
+    found = {"embed_dim": proj.shape[0] if proj is not None else None,
+             "patch_size": proj.shape[-1] if proj is not None else None,
+             "in_chans": proj.shape[1] if proj is not None else None,
+             "depth": max(blocks) + 1 if blocks else None}
+    wrong = {k: (getattr(arch, k), v) for k, v in found.items() if v is not None and getattr(arch, k) != v}
+    if proj is None or wrong:
+        raise CheckpointError(f"{path}: its metadata does not match its tensors: "
+                              + (", ".join(f"{k} declared {a}, tensors say {b}" for k, (a, b) in wrong.items())
+                                 or "no patch_embed.proj.weight")
+                              + "; the file is inconsistent, export it again")
+
+
 def read_encoder_source(source: str, preset: str) -> Tuple[Dict[str, torch.Tensor], MAEArch, str]:
     """(state dict, architecture, kind) from a safetensors export, one of our checkpoints or run directories, or
     an official MAE .pth (whose architecture is `preset`)."""
@@ -44,20 +75,17 @@ def read_encoder_source(source: str, preset: str) -> Tuple[Dict[str, torch.Tenso
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("format") in ("uniemox-encoder", "uniemox-classifier"):  # our exports carry their arch
-            return state, MAEArch(**json.loads(meta["arch"])), "export"
-        if meta.get("format") == "uniemox-pretrain":
-            types = {f.name: f.type for f in dataclasses.fields(MAEArch)}
-            arch = MAEArch(**{k[5:]: (float if types[k[5:]] == "float" else int)(v)
-                              for k, v in meta.items() if k.startswith("arch.") and k[5:] in types})
-            return state, arch, "pretrain-safetensors"
+        if meta.get("format") in ("uniemox-encoder", "uniemox-classifier", "uniemox-pretrain"):
+            arch = arch_from_metadata(meta, path)  # our exports carry their architecture: check it holds
+            check_arch_fits(state, arch, path)
+            return state, arch, "pretrain-safetensors" if meta["format"] == "uniemox-pretrain" else "export"
         return state, get_arch(preset), "safetensors"
     if path.is_file() and path.name != STATE_FILE:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = safe_torch_load(path)
         if isinstance(raw, dict) and "schema_version" not in raw:
             return raw.get("model", raw), get_arch(preset), "mae"  # official MAE release: {'model': ...}
     state_file = find_checkpoint(path) / STATE_FILE
-    raw = torch.load(state_file, map_location="cpu", weights_only=True)
+    raw = safe_torch_load(state_file)
     check_schema(raw, state_file)
     if "arch" in raw:  # one of our fine-tuning checkpoints: timm names, its architecture stored beside them
         return raw["model"], MAEArch(**raw["arch"]), "finetune"

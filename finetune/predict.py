@@ -26,8 +26,7 @@ from tqdm import tqdm
 from data_tools.images import ImageError, decode_image, read_file
 from data_tools.splits import IMAGE_EXTENSIONS
 from data_tools.tars import read_tar
-from finetune.encoder import build_vit
-from pretrain.mae import MAEArch
+from finetune.encoder import arch_from_metadata, build_vit, check_arch_fits
 from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
 from runtime.checkpoint import CheckpointError
 
@@ -84,7 +83,8 @@ class Predictor:
         self.classes: List[str] = json.loads(meta["classes"])
         self.task = meta["task"]
         tf = json.loads(meta["transform"])
-        arch = MAEArch(**json.loads(meta["arch"]))
+        arch = arch_from_metadata(meta, path)
+        check_arch_fits(state, arch, path)
         self.model = build_vit(arch, len(self.classes), tf["input_size"])
         self.model.load_state_dict(state)
         self.model.eval()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.teacher import TeacherError
+from runtime.checkpoint import safe_torch_load
 
 log = logging.getLogger(__name__)
 PACKAGED = "packaged"
@@ -140,7 +141,7 @@ class ClassifierTextTeacher(nn.Module):
             self.classifier = torchvision.models.get_model(arch, weights=None)
         except ValueError:
             raise TeacherError(f"teacher.arch={arch!r} is not a torchvision classification model") from None
-        self.classifier.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.classifier.load_state_dict(safe_torch_load(weights))
         names = list(class_names or IMAGENET_CLASSNAMES)
         st = _import_sentence_transformers()
         text_dir = resolve_text_encoder(text_encoder)

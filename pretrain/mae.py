@@ -10,7 +10,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from runtime.checkpoint import CheckpointError, load_model_state
+from runtime.checkpoint import CheckpointError, load_model_state, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def load_mae_checkpoint(model: nn.Module, source: Union[str, Path, Dict[str, tor
     if isinstance(source, (str, Path)):
         if not Path(source).is_file():
             raise CheckpointError(f"MAE checkpoint not found: {source}")
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = safe_torch_load(source)
     else:
         state = source
     state = state.get("model", state)

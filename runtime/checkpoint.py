@@ -160,13 +160,27 @@ def decide_resume(resume: str, store: CheckpointStore) -> Optional[Path]:
     return Path(decision) if decision else None
 
 
+def safe_torch_load(path: Union[str, Path], allowed: Sequence[type] = ()) -> Any:
+    """torch.load of tensors and plain data only (weights_only, plus the `allowed` classes): a file that pickles a
+    callable or any other object is refused with a CheckpointError naming the file and what it holds."""
+    import pickle
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "Unsupported global" in line or "GLOBAL" in line), lines[0])
+        raise CheckpointError(f"{path}: refused to load: it pickles more than tensors and plain data ({detail}). "
+                              f"Only load files you trust; re-save them as plain state dicts or safetensors") from None
+
+
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     """Load a checkpoint's state dict safely (weights_only) and check its schema version."""
     ckpt_dir = find_checkpoint(path)
     file = ckpt_dir / STATE_FILE
     if not file.is_file():
         raise CheckpointError(f"{ckpt_dir} has no {STATE_FILE} (is it complete?)")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = safe_torch_load(file)
     check_schema(state, file)
     return state
 

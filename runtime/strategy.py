@@ -9,7 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from runtime import distributed
-from runtime.checkpoint import CheckpointError, CheckpointStore, load_checkpoint, load_model_state
+from runtime.checkpoint import CheckpointError, CheckpointStore, load_checkpoint, load_model_state, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,19 @@ class DeepSpeedStrategy:
                 f"new run from its weights with a fresh optimizer (run.resume=none model.init_from={path}); "
                 f"DeepSpeed's zero_to_fp32.py in that directory consolidates the shards if you need them")
         load_dir = Path(path) if (Path(path) / DS_TAG).is_dir() else Path(path).parent
+        check_deepspeed_files(load_dir / DS_TAG)
         self.engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_module_strict=True,
                                     load_optimizer_states=True, load_lr_scheduler_states=False)
         state.pop("model")
         return state
+
+
+def check_deepspeed_files(directory: Path) -> None:
+    """DeepSpeed reads its shards with full unpickling; each is first read as plain data (tensors, containers and
+    DeepSpeed's loss-scaler record), so a shard that pickles anything else is refused before DeepSpeed opens it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    for file in sorted(directory.glob("*.pt")):
+        safe_torch_load(file, allowed=(LossScaler, DynamicLossScaler))
 
 
 def make_strategy(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
