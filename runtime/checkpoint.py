@@ -1,4 +1,5 @@
 """Step-based checkpoint store: atomic directories, an atomic `latest` pointer, keep-last-k plus milestones."""
+import errno
 import logging
 import os
 import re
@@ -12,6 +13,8 @@ from runtime import distributed
 from runtime.atomic import atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
+
+FULL_DISK_BYTES = 1 << 20  # a failed write that leaves less free than this ran out of space
 
 SCHEMA_VERSION = 1          # bump when the layout of the state dict changes; older versions stay loadable
 STATE_FILE = "state.pt"
@@ -97,17 +100,32 @@ class CheckpointStore:
         """Save step's checkpoint. Called on every rank: `write_shards(dir)` (if given) runs on every rank first
         (DeepSpeed's per-rank files), then rank 0 writes `state` as state.pt and commits."""
         partial = self.partial_dir(step)
-        if write_shards is not None:
-            write_shards(partial)
-            distributed.barrier()
-        final = None
-        if distributed.is_main():
-            state = {"schema_version": SCHEMA_VERSION, **state}
-            _write_state(state, partial / STATE_FILE)
-            final = self.commit(step)
-            log.info("checkpoint saved: %s", final)
+        need = tensor_bytes(state)
+        try:
+            if write_shards is not None:
+                write_shards(partial)
+                distributed.barrier()
+            final = None
+            if distributed.is_main():
+                check_free_space(partial, need)
+                _write_state({"schema_version": SCHEMA_VERSION, **state}, partial / STATE_FILE)
+                final = self.commit(step)
+                log.info("checkpoint saved: %s", final)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a bare RuntimeError
+            free = shutil.disk_usage(self.root).free  # a write that failed on a full disk left it (nearly) full
+            shutil.rmtree(partial, ignore_errors=True)
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            if isinstance(e, CheckpointError) or not (full or free < FULL_DISK_BYTES):
+                raise
+            raise CheckpointError(self._disk_full(step, need, f"{type(e).__name__}: {e}")) from None
         distributed.barrier()
         return final
+
+    def _disk_full(self, step: int, need: int, detail: str) -> str:
+        latest = self.latest()
+        return (f"no space left in {self.root} for the checkpoint of step {step} (about {need / 2**20:.0f} MiB "
+                f"needed, {shutil.disk_usage(self.root).free / 2**20:.0f} MiB free; {detail}). Nothing of it was "
+                f"kept; {latest if latest else 'no earlier checkpoint'} stays the resume point: free space and rerun")
 
     def prune(self) -> None:
         found = self.checkpoints()
@@ -117,6 +135,23 @@ class CheckpointStore:
         for _, p in found:
             if p not in keep and p != latest:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested state (what torch.save will write, give or take its metadata)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def check_free_space(directory: Path, need: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{free} bytes free, {need} needed")
 
 
 def _write_state(state: Dict[str, Any], path: Path) -> None:
