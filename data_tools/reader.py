@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.filters import _shuffle
 
 from data_tools.images import to_rgb
-from data_tools.remote import URL_TIMEOUT_S, open_shard, shard_name
+from data_tools.remote import URL_TIMEOUT_S, is_pipe, open_shard, read_sizes, shard_name, sizes_location
 from runtime.launcher_watch import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 LOADER_TIMEOUT_S = 900     # a worker that delivers no batch for this long is an error, never a silent hang
 LOADER_JOIN_TIMEOUT_S = 5
 MAX_FAILED_OPENS = 50      # shards in a row that cannot be opened: the source is unreadable, an error
+MAX_FAILED_SAMPLES = 1000  # samples in a row the transform rejects: a wrong transform or wrong shards, an error
 
 
 class SharedEpoch:
@@ -45,18 +46,18 @@ class SharedEpoch:
 
 class CorruptCounter:
     """Samples dropped in this process (one per loader worker), by reason; warnings are rate-limited. A shard that
-    cannot be opened or breaks off counts once (its lost samples are not known)."""
+    cannot be opened or breaks off counts the samples it lost, known from the sizes.json beside it (1 without)."""
 
     def __init__(self):
         self.pending = 0
         self.total: Dict[str, int] = {}
 
-    def add(self, reason: str, detail: str) -> None:
-        self.pending += 1
-        self.total[reason] = self.total.get(reason, 0) + 1
-        n = sum(self.total.values())
-        if n <= 5 or n % 1000 == 0:
-            log.warning("dropped (%s, %d so far in this worker): %s", reason, n, detail)
+    def add(self, reason: str, detail: str, n: int = 1) -> None:
+        self.pending += n
+        self.total[reason] = self.total.get(reason, 0) + n
+        events = sum(self.total.values())
+        if events - n < 5 or events // 1000 != (events - n) // 1000:
+            log.warning("dropped %d (%s, %d so far in this worker): %s", n, reason, events, detail)
 
     def take(self) -> int:
         n, self.pending = self.pending, 0
@@ -72,32 +73,61 @@ def _count_tar_error(exn: Exception) -> bool:
     return True
 
 
+def _expected_samples(url: str, sizes_cache: Dict[str, dict]) -> Optional[int]:
+    """The shard's sample count from the sizes.json beside it, or None where there is none to read."""
+    if is_pipe(url):
+        return None
+    try:
+        return read_sizes(url, 10.0, sizes_cache).get(shard_name(url))
+    except ValueError:
+        sizes_cache[sizes_location(url)] = {}  # none to read: not asked again
+        return None
+
+
 def tar_samples(timeout_s: float = URL_TIMEOUT_S):
     """Shard URLs -> raw samples (webdataset's tar expansion and grouping by key). A shard that cannot be opened
-    (missing, 404/500, refused) or breaks off mid-tar (truncated, connection dropped, read timeout) is counted and
-    logged, and reading goes on; MAX_FAILED_OPENS failed opens in a row are an error naming the last shard."""
+    (missing, 404/500, refused) or breaks off mid-tar (truncated, corrupt header, connection dropped, read timeout)
+    is logged and its lost samples counted, and reading goes on; MAX_FAILED_OPENS failed opens in a row are an
+    error naming the last shard."""
     from contextlib import closing
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     def members(src: Iterable[Dict[str, str]]):
-        failed = 0
+        failed, sizes_cache = 0, {}
         for item in src:
             url = item["url"]
             try:
                 stream = open_shard(url, timeout_s)
             except Exception as e:
-                COUNTER.add("unreadable_shard", f"{url}: {type(e).__name__}: {e}")
+                expected = _expected_samples(url, sizes_cache)
+                COUNTER.add("unreadable_shard", f"{url}: {type(e).__name__}: {e}", expected or 1)
                 failed += 1
                 if failed >= MAX_FAILED_OPENS:
                     raise RuntimeError(f"no shard could be read: the last {failed} failed to open, the last "
                                        f"being {url} ({type(e).__name__}: {e})") from e
                 continue
             failed = 0
+            errors: List[Exception] = []
+            keys = set()
             try:
                 with closing(stream):
-                    yield from tar_file_expander([{"url": url, "stream": stream}], handler=_count_tar_error)
+                    for member in tar_file_expander([{"url": url, "stream": stream}],
+                                                    handler=lambda e: errors.append(e) or True):
+                        if "fname" in member:
+                            keys.add(member["fname"].split(".", 1)[0])
+                        yield member
             except Exception as e:  # e.g. a pipe: command that exited non-zero, noticed when closed
-                COUNTER.add("bad_tar", f"{url}: {type(e).__name__}: {e}")
+                errors.append(e)
+            # a sample cut short was seen and is dropped (and counted) later; the ones never seen are counted here.
+            # tarfile ends an archive quietly at a corrupt header, so a shard shorter than its sizes.json is a loss
+            expected = _expected_samples(url, sizes_cache)
+            missing = expected - len(keys) if expected is not None else None
+            if errors:
+                COUNTER.add("bad_tar", f"{url}: {type(errors[0]).__name__}: {errors[0]}",
+                            max(0, missing) if missing is not None else 1)
+            elif missing:
+                COUNTER.add("short_shard", f"{url}: {len(keys)} samples, its sizes.json says {expected}",
+                            max(0, missing))
 
     def stage(src: Iterable[Dict[str, str]]):
         return group_by_keys(members(src), handler=_count_tar_error)
@@ -225,6 +255,28 @@ def decode_samples(image_format: str = "pil"):
     return stage
 
 
+def transform_samples(transform: Callable[[Dict[str, Any]], Dict[str, Any]]):
+    """The trainer's transform on each decoded sample; a sample it rejects (a record field of the wrong type or out
+    of range, a box it cannot crop) is counted and dropped. MAX_FAILED_SAMPLES rejections in a row are an error:
+    the transform or the kind of shards is wrong, not one sample."""
+    def stage(src: Iterable[Dict[str, Any]]):
+        failed = 0
+        for sample in src:
+            try:
+                out = transform(sample)
+            except Exception as e:
+                COUNTER.add("bad_sample", f"{sample.get('__url__')}:{sample.get('__key__')}: {type(e).__name__}: {e}")
+                failed += 1
+                if failed >= MAX_FAILED_SAMPLES:
+                    raise RuntimeError(f"the transform rejected {failed} samples in a row, the last "
+                                       f"{sample.get('__url__')}:{sample.get('__key__')} ({type(e).__name__}: {e}); "
+                                       f"are these the right shards for this trainer?") from e
+                continue
+            failed = 0
+            yield out
+    return stage
+
+
 def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Tensors stacked, numbers made tensors, anything else (keys, metadata) kept as lists."""
     batch: Dict[str, Any] = {}
@@ -327,7 +379,7 @@ def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, bat
     if sidecar_dir:
         stages.append(attach_sidecar(sidecar_dir))
     stages += [seeded_shuffle(shuffle_buffer, seed, epoch, rank, segment), decode_samples(image_format),
-               wds.map(transform), batch_with_counts(batch_size, partial=not drop_last)]
+               transform_samples(transform), batch_with_counts(batch_size, partial=not drop_last)]
     pipeline = wds.DataPipeline(*stages)
     num_batches = None
     if batches_per_epoch:

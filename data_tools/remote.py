@@ -77,12 +77,18 @@ def open_shard(url: str, timeout_s: float = URL_TIMEOUT_S) -> BinaryIO:
     return open(url, "rb")
 
 
+def sizes_location(shard_url: str) -> str:
+    """Where data_tools wrote the sizes.json of this shard's split: beside it."""
+    if is_http(shard_url):
+        return shard_url.split("?", 1)[0].rsplit("/", 1)[0] + "/sizes.json"
+    return str(Path(shard_url).parent / "sizes.json")
+
+
 def read_sizes(shard_url: str, timeout_s: float = URL_TIMEOUT_S, cache: Optional[Dict[str, dict]] = None) -> dict:
     """The sizes.json ({shard name: samples}) written by data_tools beside a shard, local or over http(s)."""
     if is_pipe(shard_url):
         raise ValueError(f"{shard_url}: the size of a pipe: shard cannot be looked up; set data.samples_per_epoch")
-    where = (shard_url.split("?", 1)[0].rsplit("/", 1)[0] + "/sizes.json") if is_http(shard_url) \
-        else str(Path(shard_url).parent / "sizes.json")
+    where = sizes_location(shard_url)
     if cache is not None and where in cache:
         return cache[where]
     try:

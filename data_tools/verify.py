@@ -9,6 +9,7 @@ from PIL import Image
 
 from data_tools.schema import SchemaError, validate_record
 from data_tools.tars import read_tar
+from runtime.atomic import file_sha256
 
 
 def verify(root: str) -> Dict[str, Any]:
@@ -40,17 +41,20 @@ def verify(root: str) -> Dict[str, Any]:
                     if img.size != (record["width"], record["height"]):
                         raise SchemaError(f"{where}: image is {img.size}, record says "
                                           f"{(record['width'], record['height'])}")
-            except (SchemaError, json.JSONDecodeError, OSError, SyntaxError) as e:
-                problems.append(f"{where}: corrupt sample ({e})")
+            except Exception as e:  # any unreadable record or image is a problem to report, never a crash
+                problems.append(f"{where}: corrupt sample ({type(e).__name__}: {e})")
                 continue
             good += 1
             counts[record["split"]][record["emotion"] or "<unlabelled>"] += 1
         if not stats_file.is_file():
             problems.append(f"{tar_path}: no {stats_file.name} (shard incomplete?)")
         else:
-            expected = json.loads(stats_file.read_text())["samples"]
-            if expected != good:
-                problems.append(f"{tar_path}: {good} good samples, {stats_file.name} says {expected}")
+            stats = json.loads(stats_file.read_text())
+            if stats["samples"] != good:
+                problems.append(f"{tar_path}: {good} good samples, {stats_file.name} says {stats['samples']}")
+            if stats.get("sha256") and stats["sha256"] != file_sha256(tar_path):
+                problems.append(f"{tar_path}: its bytes changed since it was written (sha256 differs from "
+                                f"{stats_file.name})")
     return {"root": str(root_path), "shards": len(tars),
             "samples": sum(sum(c.values()) for c in counts.values()),
             "counts": {split: dict(sorted(c.items())) for split, c in sorted(counts.items())}, "problems": problems}

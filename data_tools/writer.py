@@ -17,7 +17,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_tools.schema import SCHEMA_VERSION, encode_record, sample_key, shard_name
-from runtime.atomic import atomic_write_json, atomic_write_text, fsync_dir
+from runtime.atomic import atomic_write_json, atomic_write_text, file_sha256, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def write_shard(task: ShardTask, make_sample: SampleMaker, threads: int = 0) -> 
             stats["classes"][name] = stats["classes"].get(name, 0) + 1
             status_rows.append({"key": key, "source": describe_item(item), "status": "ok", "reason": None,
                                 "error": None})
+    stats["sha256"] = file_sha256(tar)  # `verify` names a shard whose bytes changed after it was written
     atomic_write_text(status_path(split_dir, task.shard), "".join(json.dumps(r) + "\n" for r in status_rows))
     atomic_write_json(stats_path(split_dir, task.shard), stats)  # last: the completion marker
     return stats

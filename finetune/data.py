@@ -1,6 +1,7 @@
 """Fine-tuning data: resolve a benchmark's shards (or shard an image folder into the run), transforms, loaders."""
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -104,14 +105,28 @@ class LabelledTransform:
     def __init__(self, transform, task: str, num_classes: int):
         self.transform, self.task, self.num_classes = transform, task, num_classes
 
+    def label(self, meta: Dict[str, Any]) -> int:
+        label = meta.get("label")
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < self.num_classes:
+            raise ValueError(f"label {label!r} is not a class index in [0, {self.num_classes})")
+        return label
+
     def target(self, meta: Dict[str, Any]):
+        """The record's target, checked: a record of the wrong form raises (the reader counts and drops it)."""
         if self.task == "single_label":
-            return int(meta["label"])
+            return self.label(meta)
         if self.task == "multi_label":
-            if meta.get("labels") is not None:
-                return torch.tensor(meta["labels"], dtype=torch.float32)
-            return torch.nn.functional.one_hot(torch.tensor(int(meta["label"])), self.num_classes).float()
-        return torch.tensor([float(meta[k]) for k in REGRESSION_TARGETS])
+            labels = meta.get("labels")
+            if labels is None:
+                return torch.nn.functional.one_hot(torch.tensor(self.label(meta)), self.num_classes).float()
+            if not isinstance(labels, list) or len(labels) != self.num_classes \
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in labels):
+                raise ValueError(f"labels {labels!r} is not {self.num_classes} numbers")
+            return torch.tensor(labels, dtype=torch.float32)
+        values = [meta.get(k) for k in REGRESSION_TARGETS]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"{REGRESSION_TARGETS} are {values}, expected finite numbers")
+        return torch.tensor([float(v) for v in values])
 
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
         return {"image": self.transform(sample["image"]), "target": self.target(sample["meta"]),

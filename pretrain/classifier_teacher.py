@@ -1,6 +1,5 @@
 """An offline image-text teacher: a frozen ImageNet classifier and a frozen sentence encoder, aligned through the
 classifier's class names (e(img) = normalize(p(class | img) @ T - mean T), T = embeddings of "a photo of a {class}")."""
-import hashlib
 import importlib.util
 import json
 import logging
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.teacher import TeacherError
+from runtime.atomic import file_sha256
 from runtime.checkpoint import safe_torch_load
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,10 @@ def package_file(package: str, relative: str) -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_weights(path: Path, expected: Optional[str]) -> None:
     """The file's sha256 against `expected`, else against the prefix in a torchvision-style name
     (`name-<sha256 prefix>.pth`, as torch.hub checks it); a file with neither is used with a warning."""
-    actual = sha256_of(path)
+    actual = file_sha256(path)
     if expected:
         if actual != expected.lower():
             raise TeacherError(f"{path}: sha256 {actual} does not match the expected {expected}")

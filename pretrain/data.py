@@ -15,6 +15,8 @@ def crop_box(image: Image.Image, box: Optional[Sequence[float]]) -> Image.Image:
     """The person crop: the stored box (fractions of width/height) of this very image, or the whole image."""
     if not box:
         return image
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+        raise ValueError(f"person_box {box!r} is not four numbers")
     w, h = image.size
     x0, y0, x1, y1 = (int(round(v)) for v in (box[0] * w, box[1] * h, box[2] * w, box[3] * h))
     if x1 - x0 < 2 or y1 - y0 < 2:
@@ -50,7 +52,10 @@ class PretrainTransform:
             out["clip_image"] = torch.from_numpy(sample["sidecar"]["clip_image"]).float()
             out["clip_text"] = torch.from_numpy(sample["sidecar"]["clip_text"]).float()
         elif self.tokenizer is not None:
-            out["text"] = self.tokenizer([meta.get("text") or ""])[0]
+            text = meta.get("text") or ""
+            if not isinstance(text, str):
+                raise ValueError(f"text is {type(text).__name__}, expected a string")
+            out["text"] = self.tokenizer([text])[0]
         if self.keep_key:
             out["key"] = sample["__key__"]
         return out

@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary sibling, fsync, then os.replace, so readers never see half a file."""
+"""Atomic file writes (a temporary sibling, fsync, os.replace: readers never see half a file) and file digests."""
 import json
 import os
 import tempfile
@@ -41,3 +41,13 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def file_sha256(path) -> str:
+    """The file's sha256, read in 1 MiB blocks."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
