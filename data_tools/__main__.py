@@ -58,6 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=2, help="retries on timeouts, 5xx and 429")
     p.add_argument("--max-bytes", type=int, default=20_000_000, help="refuse larger downloads")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="give up on an answer still arriving after this")
     _image_args(p, min_shards=1)
 
     p = sub.add_parser("idx-to-folder", help="MNIST-format IDX files -> class-folder tree (e.g. Fashion-MNIST)")
@@ -93,7 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary = crawl(args.annotations, args.out, name=args.name, split=args.split,
                             shard_size=args.shard_size, min_shards=args.min_shards, workers=args.workers,
                             threads=args.threads, timeout=args.timeout, retries=args.retries,
-                            max_bytes=args.max_bytes, classes=classes, url_column=args.url_column,
+                            max_bytes=args.max_bytes, max_seconds=args.max_seconds, classes=classes,
+                            url_column=args.url_column,
                             label_column=args.label_column, caption_column=args.caption_column,
                             url_map=args.url_map, options=_options(args))
             print(json.dumps(summary, indent=1))

@@ -1,12 +1,14 @@
 """`crawl`: URL lists (CSV/TSV/parquet/JSONL, FindingEmo annotations) -> downloaded, validated images in shards."""
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import urlparse
 
 import pandas as pd
 import requests
+import urllib3
 
 from data_tools.images import ImageError
 from data_tools.samples import ImageOptions, SampleBuilder
@@ -17,6 +19,7 @@ URL_COLUMNS = ("url", "URL", "image_url", "img_url")
 LABEL_COLUMNS = ("label", "emotion", "class")
 CAPTION_COLUMNS = ("caption", "text", "description")
 USER_AGENT = "uniemox-crawler/0.1 (research; image dataset builder)"
+MAX_REDIRECTS = 5
 
 
 class DownloadError(ValueError):
@@ -89,16 +92,20 @@ def read_annotations(path: str, url_column: Optional[str] = None, label_column: 
 
 
 def fetch(url: str, timeout: float = 10.0, retries: int = 2, max_bytes: int = 20_000_000,
-          session: Optional[requests.Session] = None) -> bytes:
-    """GET an image over http(s) with a byte cap; transient failures (timeouts, 5xx, 429) are retried."""
+          session: Optional[requests.Session] = None, max_seconds: float = 60.0) -> bytes:
+    """GET an image over http(s) with a byte cap and a time cap (`timeout` per connection or read, `max_seconds`
+    for a whole answer, so a server that trickles bytes cannot hold a thread); transient failures (timeouts, 5xx,
+    429) are retried. Redirects are followed up to MAX_REDIRECTS, to http(s) only."""
     scheme = urlparse(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise DownloadError("bad_scheme", f"{url}: only http and https URLs are fetched")
-    getter = session or requests
+    if session is None:
+        session = requests.Session()
+        session.max_redirects = MAX_REDIRECTS
     last: Optional[DownloadError] = None
     for _ in range(retries + 1):
         try:
-            with getter.get(url, timeout=timeout, stream=True, headers={"User-Agent": USER_AGENT}) as r:
+            with session.get(url, timeout=timeout, stream=True, headers={"User-Agent": USER_AGENT}) as r:
                 if r.status_code != 200:
                     last = DownloadError(f"http_{r.status_code}", f"{url}: HTTP {r.status_code}")
                     if r.status_code in (429, 500, 502, 503, 504):
@@ -107,15 +114,14 @@ def fetch(url: str, timeout: float = 10.0, retries: int = 2, max_bytes: int = 20
                 ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
                 if ctype in ("text/html", "application/xhtml+xml"):
                     raise DownloadError("not_an_image", f"{url}: server returned {ctype}, not an image")
-                if int(r.headers.get("Content-Length") or 0) > max_bytes:
-                    raise DownloadError("too_large", f"{url}: {r.headers['Content-Length']} bytes > {max_bytes}")
-                chunks, size = [], 0
-                for chunk in r.iter_content(64 * 1024):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise DownloadError("too_large", f"{url}: more than {max_bytes} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                declared = r.headers.get("Content-Length") or "0"
+                if not declared.isdigit() or int(declared) > max_bytes:
+                    raise DownloadError("too_large", f"{url}: Content-Length {declared[:40]} > {max_bytes} bytes")
+                return _read_body(r, url, max_bytes, max_seconds)
+        except requests.TooManyRedirects:
+            raise DownloadError("redirect_loop", f"{url}: more than {MAX_REDIRECTS} redirects") from None
+        except requests.exceptions.InvalidSchema as e:
+            raise DownloadError("bad_redirect", f"{url}: redirected to a URL that is not http(s) ({e})") from None
         except requests.Timeout:
             last = DownloadError("timeout", f"{url}: no answer within {timeout} s")
         except requests.ConnectionError as e:
@@ -125,12 +131,33 @@ def fetch(url: str, timeout: float = 10.0, retries: int = 2, max_bytes: int = 20
     raise last
 
 
+def _read_body(response, url: str, max_bytes: int, max_seconds: float) -> bytes:
+    """The body, read as it arrives (read1: whatever the socket has), within the byte and time caps."""
+    chunks, size, deadline = [], 0, time.monotonic() + max_seconds
+    while True:
+        try:
+            chunk = response.raw.read1(64 * 1024, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError:
+            raise requests.Timeout() from None  # read straight from urllib3: its errors are not requests' yet
+        except urllib3.exceptions.HTTPError as e:
+            raise requests.ConnectionError(str(e)) from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise DownloadError("too_large", f"{url}: more than {max_bytes} bytes")
+        if time.monotonic() > deadline:
+            raise DownloadError("too_slow", f"{url}: {size} bytes after {max_seconds} s (limit max_seconds)")
+        chunks.append(chunk)
+
+
 class CrawlSample:
     """Picklable shard job body: download an item (its URLs tried in order) and build its sample."""
 
-    def __init__(self, builder: SampleBuilder, split: str, timeout: float, retries: int, max_bytes: int):
+    def __init__(self, builder: SampleBuilder, split: str, timeout: float, retries: int, max_bytes: int,
+                 max_seconds: float = 60.0):
         self.builder, self.split = builder, split
-        self.timeout, self.retries, self.max_bytes = timeout, retries, max_bytes
+        self.timeout, self.retries, self.max_bytes, self.max_seconds = timeout, retries, max_bytes, max_seconds
 
     def __call__(self, item: Dict[str, Any]):
         if not item["urls"]:
@@ -143,7 +170,7 @@ class CrawlSample:
         error: Exception = DownloadError("missing_url", "no URL")
         for url in item["urls"]:
             try:
-                data = fetch(url, self.timeout, self.retries, self.max_bytes)
+                data = fetch(url, self.timeout, self.retries, self.max_bytes, max_seconds=self.max_seconds)
                 return self.builder.build(data, split=self.split, source=url, label=label, text=item["caption"],
                                           caption=item["caption"], valence=item.get("valence"),
                                           arousal=item.get("arousal"))
@@ -154,7 +181,8 @@ class CrawlSample:
 
 def crawl(annotations: str, out: str, *, name: str = "web", split: str = "train", shard_size: int = 1000,
           min_shards: int = 1, workers: int = 1, threads: int = 16, timeout: float = 10.0, retries: int = 2,
-          max_bytes: int = 20_000_000, classes: Optional[Sequence[str]] = None, url_column: Optional[str] = None,
+          max_bytes: int = 20_000_000, max_seconds: float = 60.0, classes: Optional[Sequence[str]] = None,
+          url_column: Optional[str] = None,
           label_column: Optional[str] = None, caption_column: Optional[str] = None, url_map: Optional[str] = None,
           options: Optional[ImageOptions] = None) -> Dict[str, Any]:
     """Download every row's image into out/NNNNN.tar (+ _stats.json, _status.jsonl); finished shards are skipped."""
@@ -165,7 +193,7 @@ def crawl(annotations: str, out: str, *, name: str = "web", split: str = "train"
     builder = SampleBuilder(name, classes, options)
     out_path = Path(out)
     tasks = plan_shards(out_path, split, items, shard_size, min_shards)
-    stats = run_shard_tasks(tasks, CrawlSample(builder, split, timeout, retries, max_bytes), workers,
+    stats = run_shard_tasks(tasks, CrawlSample(builder, split, timeout, retries, max_bytes, max_seconds), workers,
                             desc=f"crawl {name}", threads=threads)
     summary = finalize_split(out_path, stats)
     log.info("crawl %s: %d of %d rows downloaded, failures: %s", name, summary["samples"], len(items),

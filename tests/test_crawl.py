@@ -48,6 +48,41 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, jpeg_bytes(photo_crop(2, 48)))
         elif self.path == "/big.jpg":
             self._send(200, b"\xff" * 300_000)
+        elif self.path == "/endless.jpg":  # no length, never ends
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"\xff" * 65536)
+            except OSError:
+                pass
+        elif self.path == "/trickle.jpg":  # one byte a second
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"\xff")
+                    self.wfile.flush()
+                    time.sleep(1)
+            except OSError:
+                pass
+        elif self.path == "/loop.jpg":
+            self.send_response(302)
+            self.send_header("Location", "/loop.jpg")
+            self.end_headers()
+        elif self.path in ("/to_file.jpg", "/to_ftp.jpg"):
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd" if self.path == "/to_file.jpg" else "ftp://x/y.jpg")
+            self.end_headers()
+        elif self.path == "/huge.jpg":  # declares a petabyte
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(10 ** 15))
+            self.end_headers()
+            self.wfile.write(b"\xff" * 1000)
         elif self.path == "/bytes.jpg":  # image bytes with a wrong content type: still accepted after decoding
             self._send(200, jpeg_bytes(photo_crop(3, 48)), "application/octet-stream")
         else:
@@ -162,3 +197,24 @@ def test_annotation_errors(tmp_path):
     with pytest.raises(ValueError, match="annotation file not found"):
         read_annotations(str(tmp_path / "none.csv"))
     assert read_annotations(str(bad), url_column="link")[0]["urls"] == ["http://x/1.jpg"]
+
+
+def test_hostile_servers_are_bounded_and_recorded(server, tmp_path):
+    """An endless body, a 1-byte-a-second answer, a redirect loop, redirects to file:// and ftp://, a petabyte
+    Content-Length: each ends within the crawler's limits with its reason in the status table, and the shard is
+    written with the good rows."""
+    bad = {"endless": "too_large", "trickle": "too_slow", "loop": "redirect_loop", "to_file": "bad_redirect",
+           "to_ftp": "bad_redirect", "huge": "too_large"}
+    rows = [{"url": f"{server}/{name}.jpg", "label": "a"} for name in bad]
+    rows += [{"url": f"{server}/img/{i}.jpg", "label": "b"} for i in range(3)]
+    pd.DataFrame(rows).to_csv(tmp_path / "urls.csv", index=False)
+    start = time.time()
+    summary = crawl(str(tmp_path / "urls.csv"), str(tmp_path / "out"), shard_size=100, threads=4, timeout=2,
+                    retries=0, max_bytes=1_000_000, max_seconds=3, options=NO_DETECT)
+    elapsed = time.time() - start
+    assert elapsed < 30, elapsed
+    assert summary["samples"] == 3 and summary["failed"] == len(bad)
+    status = [json.loads(line) for line in (tmp_path / "out" / "00000_status.jsonl").read_text().splitlines()]
+    reasons = {row["source"].rsplit("/", 1)[1][:-4]: row["reason"] for row in status if row["status"] == "failed"}
+    assert reasons == bad, reasons
+    assert not verify(str(tmp_path / "out"))["problems"]
