@@ -120,6 +120,12 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600, always
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # torch._dynamo, imported for the first time while a process group exists (torchvision and timm import it,
+    # e.g. lazily in a loader or a FLOP counter), keeps a reference to that group that destroy_process_group does
+    # not drop: the group and its gloo threads then outlive shutdown() and are torn down during interpreter
+    # finalization, where a gloo thread that releases a finished collective's Python-owned tensors aborts the
+    # process ("terminate called without an active exception"). Imported first, it holds no group.
+    import torch._dynamo  # noqa: F401
     os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
                       LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size))
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
