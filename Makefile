@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv debs test demo bench clean
+.PHONY: venv debs test demo bench soak clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,10 @@ bench: $(STAMP)
 	$(PY) bench/pretrain_throughput.py
 	$(PY) bench/pretrain_throughput.py --teachers cached --strategies ddp zero1 zero2 --out bench/results/strategies.json
 	$(PY) bench/mae_step.py
+
+soak: $(STAMP)
+	$(PY) bench/exit_codes.py
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -17,3 +17,14 @@ def make_images(root: Path, n: int, classes: int = 4) -> None:
         folder = root / f"class{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(photo[y:y + side, x:x + side]).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def make_shards(root: Path, n: int, shard_size: int = 16, min_shards: int = 8) -> str:
+    """n photo crops as train shards (generic dataset 'bench', no person boxes); returns their brace pattern."""
+    from data_tools.folder import shard_folder
+    from data_tools.samples import ImageOptions
+    make_images(root / "folder", n)
+    shard_folder("bench", str(root / "folder"), str(root / "shards"), generic=True, ratios=(1.0, 0.0, 0.0),
+                 shard_size=shard_size, min_shards=min_shards, options=ImageOptions(max_side=64, detector="none"))
+    count = len(list((root / "shards" / "train").glob("*.tar")))
+    return str(root / "shards" / "train" / f"{{00000..{count - 1:05d}}}.tar")

@@ -1,0 +1,147 @@
+"""Kill-and-resume soak: a 2-rank pretraining run SIGKILLed at random moments (some while a checkpoint is being
+written) and resumed each time, for DDP and DeepSpeed ZeRO-2.
+
+    python bench/soak.py [--kills 10] [--strategies ddp zero2] [--seed 0] [--out bench/results/soak.json]
+
+Per strategy: an uninterrupted reference run, then the same run killed `--kills` times (torchrun and every process
+under it, at a random second of the run, or the moment a `.partial-*` checkpoint directory appears) and rerun
+until it reaches its last step. Checkpoints fall on epoch boundaries (run.ckpt_every = steps per epoch), so a
+resumed run reads exactly the data an uninterrupted one does and its final weights can be compared bit for bit.
+Reported: runs that reached the final step, steps lost per kill (the last step a rank started minus the step
+resumed from; at most run.ckpt_every), checkpoints that failed to load (every committed one is loaded after each
+kill), and the largest difference between the final weights and the reference run's (bit-equal, or within
+floating-point rounding).
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.photos import make_shards  # noqa: E402
+from runtime.checkpoint import CheckpointStore, load_checkpoint  # noqa: E402
+
+STEPS_PER_EPOCH = 5  # 160 samples / (batch 16 x 2 ranks)
+
+
+def command(strategy: str, shards: str, out: Path, epochs: int) -> list:
+    extra = [] if strategy == "ddp" else ["train.strategy=deepspeed", "train.deepspeed_config=configs/deepspeed/zero2.json"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain/main.py",
+            "--config", "configs/pretrain/tiny.yaml", f"data.train=[{shards}]", f"run.output_dir={out}",
+            "data.batch_size=16", "data.num_workers=1", "data.resampled=false", f"train.epochs={epochs}",
+            f"run.ckpt_every={STEPS_PER_EPOCH}", "run.log_every=5", "train.image_every=0", "debug.record_keys=true",
+            "debug.step_sleep_s=0.2", *extra]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    procs = [psutil.Process(proc.pid)]
+    try:
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def last_step_started(out: Path) -> int:
+    steps = [json.loads(line)["step"] for log in (out / "keys").glob("rank*.jsonl")
+             for line in log.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def run_with_kill(cmd: list, out: Path, env: dict, rng: random.Random, during_checkpoint: bool) -> str:
+    """Start the run and SIGKILL it at a random moment (or as a checkpoint is being written); returns how it was
+    killed, or 'finished' if it ended first."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = out / "checkpoints"
+    deadline = time.time() + (180 if during_checkpoint else rng.uniform(6, 20))
+    while time.time() < deadline and proc.poll() is None:
+        if during_checkpoint and ckpt_dir.is_dir() and any(p.name.startswith(".partial-") for p in ckpt_dir.iterdir()):
+            kill_tree(proc)
+            return "during_checkpoint_write"
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        return "finished"
+    kill_tree(proc)
+    return "random_moment"
+
+
+def soak(strategy: str, shards: str, root: Path, kills: int, epochs: int, env: dict, rng: random.Random) -> dict:
+    total = epochs * STEPS_PER_EPOCH
+    reference = root / f"{strategy}_reference"
+    subprocess.run(command(strategy, shards, reference, epochs), cwd=REPO, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = root / f"{strategy}_soak"
+    cmd = command(strategy, shards, out, epochs)
+    events, failed_loads = [], 0
+    for k in range(kills):
+        during = k % 3 == 1  # every third kill aims at a checkpoint being written
+        resumed_from = load_checkpoint(CheckpointStore(out / "checkpoints").latest())["step"] \
+            if CheckpointStore(out / "checkpoints").latest() else 0
+        how = run_with_kill(cmd, out, env, rng, during)
+        store = CheckpointStore(out / "checkpoints")
+        loads = []
+        for step, path in store.checkpoints():
+            try:
+                loads.append(load_checkpoint(path)["step"] == step)
+            except Exception:
+                loads.append(False)
+        failed_loads += loads.count(False)
+        latest = load_checkpoint(store.latest())["step"] if store.latest() else 0
+        reached = last_step_started(out)
+        events.append({"kill": k + 1, "how": how, "started_from": resumed_from, "last_step_started": reached,
+                       "resume_point": latest, "steps_lost": max(0, reached - latest),
+                       "checkpoints_loaded": len(loads)})
+        print(f"{strategy} kill {k + 1}: {how}, reached step {reached}, resume point {latest}", flush=True)
+        if how == "finished":
+            break
+    final = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = json.loads((out / "result.json").read_text()) if (out / "result.json").is_file() else {}
+    a, b = load_file(str(reference / "weights.safetensors")), load_file(str(out / "weights.safetensors"))
+    max_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    return {"strategy": strategy, "total_steps": total, "final_exit": final.returncode,
+            "reached_final_step": result.get("final_step") == total, "kills": events,
+            "max_steps_lost": max((e["steps_lost"] for e in events), default=0), "ckpt_every": STEPS_PER_EPOCH,
+            "checkpoints_failed_to_load": failed_loads, "weights_max_abs_diff_vs_uninterrupted": max_diff,
+            "weights_equal": max_diff == 0.0, "weights_within_1e-5": max_diff <= 1e-5}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--strategies", nargs="+", default=["ddp", "zero2"], choices=["ddp", "zero2"])
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/soak.json")
+    args = parser.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rng, start, rows = random.Random(args.seed), time.time(), []
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = make_shards(Path(tmp) / "data", 160)
+        for strategy in args.strategies:
+            rows.append(soak(strategy, shards, Path(tmp), args.kills, args.epochs, env, rng))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "kills"}), flush=True)
+    result = {"bench": "soak", "seed": args.seed, "rows": rows, "seconds": round(time.time() - start),
+              "command": " ".join(sys.argv)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
