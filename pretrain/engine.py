@@ -79,7 +79,8 @@ class Pretraining:
         self.strategy = make_strategy(cfg.train.strategy, self.model, optimizer, self.device, cfg.optim.accum_steps,
                                       cfg.optim.clip_grad, cfg.train.deepspeed_config, batch, self.precision)
         self.input_dtype = torch.bfloat16 if cfg.train.strategy == "deepspeed" and self.precision == "bf16" else None
-        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every)
+        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every,
+                                     cfg.debug.save_sleep_s)
         seed_everything(cfg.run.seed + 1000 * self.env.rank)  # different augmentations on each rank
         self.transform = PretrainTransform(
             self.model.mae.arch.img_size, cfg.data.crop_scale, self.model.uses_person,

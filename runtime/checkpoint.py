@@ -4,6 +4,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -38,9 +39,11 @@ class CheckpointStore:
     flushed, so a crash at any moment leaves either the old or the new checkpoint, never half of one.
     """
 
-    def __init__(self, root: Union[str, Path], keep_last: int = 3, milestone_every: int = 0):
+    def __init__(self, root: Union[str, Path], keep_last: int = 3, milestone_every: int = 0,
+                 pause_before_commit_s: float = 0.0):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.pause_before_commit_s = pause_before_commit_s  # debug.save_sleep_s: a window to kill a save in
         self.root = Path(root)
         self.keep_last = keep_last
         self.milestone_every = milestone_every
@@ -109,6 +112,7 @@ class CheckpointStore:
             if distributed.is_main():
                 check_free_space(partial, need)
                 _write_state({"schema_version": SCHEMA_VERSION, **state}, partial / STATE_FILE)
+                time.sleep(self.pause_before_commit_s)
                 final = self.commit(step)
                 log.info("checkpoint saved: %s", final)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a bare RuntimeError

@@ -75,6 +75,7 @@ class DebugConfig:
     crash_rank: int = 1
     step_sleep_s: float = 0.0                              # slows every step (to interrupt runs on purpose)
     record_keys: bool = False                              # each rank logs the sample keys it trains on
+    save_sleep_s: float = 0.0                              # a pause inside every checkpoint write, before it commits
 
 
 def scaled_lr(optim: OptimConfig, batch_per_rank: int, world_size: int) -> float:

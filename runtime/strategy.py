@@ -166,11 +166,18 @@ class DeepSpeedStrategy:
 
 
 def check_deepspeed_files(directory: Path) -> None:
-    """DeepSpeed reads its shards with full unpickling; each is first read as plain data (tensors, containers and
-    DeepSpeed's loss-scaler record), so a shard that pickles anything else is refused before DeepSpeed opens it."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    """DeepSpeed reads its shards with full unpickling; each is first read as plain data plus DeepSpeed's own record
+    classes (loss scaler, ZeRO stage, fragment addresses: classes of the deepspeed package, nothing else), so a shard
+    that pickles anything else (a function, another package's object) is refused before DeepSpeed opens it."""
+    import importlib
     for file in sorted(directory.glob("*.pt")):
-        safe_torch_load(file, allowed=(LossScaler, DynamicLossScaler))
+        allowed = []
+        for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(file)):
+            module, _, attr = name.rpartition(".")
+            obj = getattr(importlib.import_module(module), attr, None) if module.startswith("deepspeed.") else None
+            if isinstance(obj, type):
+                allowed.append(obj)
+        safe_torch_load(file, allowed=allowed)
 
 
 def make_strategy(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,

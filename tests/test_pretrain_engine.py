@@ -119,6 +119,30 @@ def test_kill9_then_resume(shards, tmp_path):
     assert steps[-1] == 20 and {15, 20} <= set(steps)  # the curve goes on after the resume point
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_kill9_during_a_checkpoint_write_then_resume(shards, tmp_path, strategy):
+    """Killed while step 10's checkpoint is half written: the committed ones all load, the partial one is removed
+    at the next start, and the run resumes from step 5 to the end with ranks in sync."""
+    out = tmp_path / "run"
+    extra = ["debug.save_sleep_s=3"] + ([] if strategy == "ddp" else [
+        "train.strategy=deepspeed", "train.deepspeed_config=configs/deepspeed/zero2.json"])
+    proc = subprocess.Popen(torchrun_cmd(2, *pretrain_args(shards, out, "debug.step_sleep_s=0.3", *extra)),
+                            cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = out / "checkpoints" / ".partial-step_000000010" / "state.pt"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not partial.is_file():
+        time.sleep(0.02)
+    kill_tree(proc.pid)
+    assert partial.is_file(), "the run was not caught writing step 10's checkpoint"
+    store = CheckpointStore(out / "checkpoints")
+    assert [s for s, _ in store.checkpoints()] == [5] and load_checkpoint(store.latest())["step"] == 5
+    done = run_torchrun(2, *pretrain_args(shards, out, *extra[1:]))
+    assert "removing incomplete checkpoint" in done.stderr + done.stdout
+    r = result(out)
+    assert r["resumed_from_step"] == 5 and r["final_step"] == 20 and r["ranks_in_sync"]
+    assert not any(p.name.startswith(".partial-") for p in (out / "checkpoints").iterdir())
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_checkpoints_and_exits(shards, tmp_path, sig):
     out = tmp_path / sig.name
