@@ -48,7 +48,8 @@ def main() -> None:
                 text = done.stdout + done.stderr
                 rows.append({"run": i, "kind": kind, "rc": done.returncode, "seconds": round(time.time() - t0, 1),
                              "terminate_called": "terminate called" in text,
-                             "tail": text[-1500:] if done.returncode else ""})
+                             "errors": [line for line in text.splitlines() if "Error" in line or "terminate" in line
+                                        ][-20:] if done.returncode else []})
                 print(f"{i + 1}/{args.runs} {kind}: exit {done.returncode} ({rows[-1]['seconds']} s)", flush=True)
     per_kind = {k: {"runs": sum(r["kind"] == k for r in rows),
                     "exit_0": sum(r["kind"] == k and r["rc"] == 0 for r in rows),

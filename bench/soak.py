@@ -9,8 +9,8 @@ until it reaches its last step. Checkpoints fall on epoch boundaries (run.ckpt_e
 resumed run reads exactly the data an uninterrupted one does and its final weights can be compared bit for bit.
 Reported: runs that reached the final step, steps lost per kill (the last step a rank started minus the step
 resumed from; at most run.ckpt_every), checkpoints that failed to load (every committed one is loaded after each
-kill), and the largest difference between the final weights and the reference run's (bit-equal, or within
-floating-point rounding).
+kill), and the largest difference between the final weights and the reference run's, beside the difference
+between two uninterrupted runs (the floor: what floating-point nondeterminism alone gives).
 """
 import argparse
 import json
@@ -68,7 +68,7 @@ def run_with_kill(cmd: list, out: Path, env: dict, rng: random.Random, during_ch
     killed, or 'finished' if it ended first."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_dir = out / "checkpoints"
-    deadline = time.time() + (180 if during_checkpoint else rng.uniform(6, 20))
+    deadline = time.time() + (180 if during_checkpoint else rng.uniform(4, 12))
     while time.time() < deadline and proc.poll() is None:
         if during_checkpoint and ckpt_dir.is_dir() and any(p.name.startswith(".partial-") for p in ckpt_dir.iterdir()):
             kill_tree(proc)
@@ -82,18 +82,22 @@ def run_with_kill(cmd: list, out: Path, env: dict, rng: random.Random, during_ch
 
 def soak(strategy: str, shards: str, root: Path, kills: int, epochs: int, env: dict, rng: random.Random) -> dict:
     total = epochs * STEPS_PER_EPOCH
-    reference = root / f"{strategy}_reference"
-    subprocess.run(command(strategy, shards, reference, epochs), cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    references = []
+    for repeat in range(2):  # twice: the difference between two uninterrupted runs is the floor to compare with
+        references.append(root / f"{strategy}_reference{repeat}")
+        subprocess.run(command(strategy, shards, references[-1], epochs), cwd=REPO, env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = root / f"{strategy}_soak"
     cmd = command(strategy, shards, out, epochs)
-    events, failed_loads = [], 0
-    for k in range(kills):
-        during = k % 3 == 1  # every third kill aims at a checkpoint being written
-        resumed_from = load_checkpoint(CheckpointStore(out / "checkpoints").latest())["step"] \
-            if CheckpointStore(out / "checkpoints").latest() else 0
-        how = run_with_kill(cmd, out, env, rng, during)
+    events, failed_loads, attempt = [], 0, 0
+    while len([e for e in events if e["how"] != "finished"]) < kills and attempt < 3 * kills:
+        attempt += 1
+        during = len(events) % 3 == 1  # every third kill aims at a checkpoint being written
         store = CheckpointStore(out / "checkpoints")
+        resumed_from = load_checkpoint(store.latest())["step"] if store.latest() else 0
+        how = run_with_kill(cmd, out, env, rng, during)
+        if how == "finished":
+            break
         loads = []
         for step, path in store.checkpoints():
             try:
@@ -103,28 +107,30 @@ def soak(strategy: str, shards: str, root: Path, kills: int, epochs: int, env: d
         failed_loads += loads.count(False)
         latest = load_checkpoint(store.latest())["step"] if store.latest() else 0
         reached = last_step_started(out)
-        events.append({"kill": k + 1, "how": how, "started_from": resumed_from, "last_step_started": reached,
-                       "resume_point": latest, "steps_lost": max(0, reached - latest),
+        events.append({"kill": len(events) + 1, "how": how, "started_from": resumed_from,
+                       "last_step_started": reached, "resume_point": latest, "steps_lost": max(0, reached - latest),
                        "checkpoints_loaded": len(loads)})
-        print(f"{strategy} kill {k + 1}: {how}, reached step {reached}, resume point {latest}", flush=True)
-        if how == "finished":
-            break
+        print(f"{strategy} kill {len(events)}: {how}, reached step {reached}, resume point {latest}", flush=True)
     final = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     result = json.loads((out / "result.json").read_text()) if (out / "result.json").is_file() else {}
-    a, b = load_file(str(reference / "weights.safetensors")), load_file(str(out / "weights.safetensors"))
-    max_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     return {"strategy": strategy, "total_steps": total, "final_exit": final.returncode,
-            "reached_final_step": result.get("final_step") == total, "kills": events,
+            "reached_final_step": result.get("final_step") == total, "kills_done": len(events), "kills": events,
             "max_steps_lost": max((e["steps_lost"] for e in events), default=0), "ckpt_every": STEPS_PER_EPOCH,
-            "checkpoints_failed_to_load": failed_loads, "weights_max_abs_diff_vs_uninterrupted": max_diff,
-            "weights_equal": max_diff == 0.0, "weights_within_1e-5": max_diff <= 1e-5}
+            "checkpoints_failed_to_load": failed_loads,
+            "weights_max_abs_diff_vs_uninterrupted": max_abs_diff(references[0], out),
+            "weights_max_abs_diff_two_uninterrupted_runs": max_abs_diff(references[0], references[1])}
+
+
+def max_abs_diff(run_a: Path, run_b: Path) -> float:
+    a, b = load_file(str(run_a / "weights.safetensors")), load_file(str(run_b / "weights.safetensors"))
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--strategies", nargs="+", default=["ddp", "zero2"], choices=["ddp", "zero2"])
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/soak.json")
     args = parser.parse_args()

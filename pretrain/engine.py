@@ -141,7 +141,9 @@ class Pretraining:
 
         def frozen():
             teacher.encode_image(batch["image"]), teacher.encode_text(batch["text"])
-        return training_step_flops(student, frozen if teacher is not None else None)
+        # the counting forward draws masks: on a forked RNG, so a resumed run draws what an uninterrupted one does
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return training_step_flops(student, frozen if teacher is not None else None)
 
     def inject_faults(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         return inject_faults(self.cfg.debug, loss, step, self.env.rank)

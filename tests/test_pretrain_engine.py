@@ -48,6 +48,20 @@ def test_ddp_two_ranks_identical_weights(ddp_run):
     assert not any(k.startswith("teacher") for k in state["model"])
 
 
+def test_a_run_resumed_at_an_epoch_boundary_ends_with_the_same_weights(shards, ddp_run, tmp_path):
+    """Crash after step 10 (an epoch's end), rerun: the data, masks and augmentations drawn after the resume are the
+    uninterrupted run's, so the final weights are bit-identical (the FLOP count's forward once drew masks from the
+    global RNG at the first step of every start, and a resumed run drifted)."""
+    out = tmp_path / "resumed"
+    crashed = run_torchrun(2, *pretrain_args(shards, out, "debug.crash_step=11"), check=False)
+    assert crashed.returncode != 0 and load_checkpoint(out)["step"] == 10
+    run_torchrun(2, *pretrain_args(shards, out))
+    assert result(out)["resumed_from_step"] == 10 and result(out)["final_step"] == 20
+    from safetensors.torch import load_file
+    a, b = load_file(str(ddp_run / "weights.safetensors")), load_file(str(out / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_tensorboard_scalars_and_reconstructions(ddp_run):
     acc = EventAccumulator(str(ddp_run / "tb"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()

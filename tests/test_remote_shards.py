@@ -53,8 +53,9 @@ def test_http_and_pipe_shards_give_the_samples_of_the_files(split):
         remote, dropped = read_keys(f"{url}/{{00000..00009}}.tar")
         piped, _ = read_keys([f"pipe:cat {split / f'{i:05d}.tar'}" for i in range(10)])
         assert len(local) == 60 and sorted(remote) == sorted(local) == sorted(piped) and dropped == 0
+        assert requests.count("sizes.json") == 2  # each loader worker read it once, for all its shards
         assert count_samples([f"{url}/{{00000..00009}}.tar"]) == count_samples([str(split / "{00000..00009}.tar")])
-        assert requests.count("sizes.json") == 1  # read once for all shards of a directory
+        assert requests.count("sizes.json") == 3  # and counting the samples, once for all shards of a directory
         assert check_shards([f"{url}/{{00000..00009}}.tar"])[0][3] == f"{url}/00003.tar"
         with pytest.raises(ValueError, match="does not list 00042.tar"):
             count_samples([f"{url}/00042.tar"])
