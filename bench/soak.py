@@ -4,7 +4,7 @@ written) and resumed each time, for DDP and DeepSpeed ZeRO-2.
     python bench/soak.py [--kills 10] [--strategies ddp zero2] [--seed 0] [--out bench/results/soak.json]
 
 Per strategy: an uninterrupted reference run, then the same run killed `--kills` times (torchrun and every process
-under it, at a random second of the run, or the moment a `.partial-*` checkpoint directory appears) and rerun
+under it, 0.5-6 s after training resumed, or the moment a `.partial-*` checkpoint directory appears) and rerun
 until it reaches its last step. Checkpoints fall on epoch boundaries (run.ckpt_every = steps per epoch), so a
 resumed run reads exactly the data an uninterrupted one does and its final weights can be compared bit for bit.
 Reported: runs that reached the final step, steps lost per kill (the last step a rank started minus the step
@@ -66,9 +66,13 @@ def last_step_started(out: Path) -> int:
 def run_with_kill(cmd: list, out: Path, env: dict, rng: random.Random, during_checkpoint: bool) -> str:
     """Start the run and SIGKILL it at a random moment (or as a checkpoint is being written); returns how it was
     killed, or 'finished' if it ended first."""
+    started_from = last_step_started(out) if (out / "keys").is_dir() else 0
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_dir = out / "checkpoints"
-    deadline = time.time() + (180 if during_checkpoint else rng.uniform(4, 12))
+    if not during_checkpoint:  # a random moment once training has resumed (start-up is not what is tested)
+        while proc.poll() is None and (not (out / "keys").is_dir() or last_step_started(out) <= started_from):
+            time.sleep(0.05)
+    deadline = time.time() + (180 if during_checkpoint else rng.uniform(0.5, 6))
     while time.time() < deadline and proc.poll() is None:
         if during_checkpoint and ckpt_dir.is_dir() and any(p.name.startswith(".partial-") for p in ckpt_dir.iterdir()):
             kill_tree(proc)
