@@ -5,7 +5,6 @@ tar members -> shuffle buffer on raw bytes -> decode (corrupt samples dropped an
 transform -> batches that carry the number of samples dropped since the previous batch (`batch["corrupt"]`).
 """
 import io
-import logging
 import math
 import multiprocessing as mp
 import random
@@ -19,15 +18,12 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.filters import _shuffle
 
 from data_tools.images import to_rgb
-from data_tools.remote import URL_TIMEOUT_S, is_pipe, open_shard, read_sizes, shard_name, sizes_location
+from data_tools.remote import URL_TIMEOUT_S, shard_name
+from data_tools.tar_stream import COUNTER, tar_samples
 from runtime.launcher_watch import die_with_parent
-
-log = logging.getLogger(__name__)
-
 
 LOADER_TIMEOUT_S = 900     # a worker that delivers no batch for this long is an error, never a silent hang
 LOADER_JOIN_TIMEOUT_S = 5
-MAX_FAILED_OPENS = 50      # shards in a row that cannot be opened: the source is unreadable, an error
 MAX_FAILED_SAMPLES = 1000  # samples in a row the transform rejects: a wrong transform or wrong shards, an error
 
 
@@ -42,96 +38,6 @@ class SharedEpoch:
 
     def get(self) -> int:
         return self.value.value
-
-
-class CorruptCounter:
-    """Samples dropped in this process (one per loader worker), by reason; warnings are rate-limited. A shard that
-    cannot be opened or breaks off counts the samples it lost, known from the sizes.json beside it (1 without)."""
-
-    def __init__(self):
-        self.pending = 0
-        self.total: Dict[str, int] = {}
-
-    def add(self, reason: str, detail: str, n: int = 1) -> None:
-        self.pending += n
-        self.total[reason] = self.total.get(reason, 0) + n
-        events = sum(self.total.values())
-        if events - n < 5 or events // 1000 != (events - n) // 1000:
-            log.warning("dropped %d (%s, %d so far in this worker): %s", n, reason, events, detail)
-
-    def take(self) -> int:
-        n, self.pending = self.pending, 0
-        return n
-
-
-COUNTER = CorruptCounter()
-
-
-def _count_tar_error(exn: Exception) -> bool:
-    """webdataset handler: a broken tar (truncated, unreadable) is counted, and reading goes on."""
-    COUNTER.add("bad_tar", repr(exn))
-    return True
-
-
-def _expected_samples(url: str, sizes_cache: Dict[str, dict]) -> Optional[int]:
-    """The shard's sample count from the sizes.json beside it, or None where there is none to read."""
-    if is_pipe(url):
-        return None
-    try:
-        return read_sizes(url, 10.0, sizes_cache).get(shard_name(url))
-    except ValueError:
-        sizes_cache[sizes_location(url)] = {}  # none to read: not asked again
-        return None
-
-
-def tar_samples(timeout_s: float = URL_TIMEOUT_S):
-    """Shard URLs -> raw samples (webdataset's tar expansion and grouping by key). A shard that cannot be opened
-    (missing, 404/500, refused) or breaks off mid-tar (truncated, corrupt header, connection dropped, read timeout)
-    is logged and its lost samples counted, and reading goes on; MAX_FAILED_OPENS failed opens in a row are an
-    error naming the last shard."""
-    from contextlib import closing
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    def members(src: Iterable[Dict[str, str]]):
-        failed, sizes_cache = 0, {}
-        for item in src:
-            url = item["url"]
-            try:
-                stream = open_shard(url, timeout_s)
-            except Exception as e:
-                expected = _expected_samples(url, sizes_cache)
-                COUNTER.add("unreadable_shard", f"{url}: {type(e).__name__}: {e}", expected or 1)
-                failed += 1
-                if failed >= MAX_FAILED_OPENS:
-                    raise RuntimeError(f"no shard could be read: the last {failed} failed to open, the last "
-                                       f"being {url} ({type(e).__name__}: {e})") from e
-                continue
-            failed = 0
-            errors: List[Exception] = []
-            keys = set()
-            try:
-                with closing(stream):
-                    for member in tar_file_expander([{"url": url, "stream": stream}],
-                                                    handler=lambda e: errors.append(e) or True):
-                        if "fname" in member:
-                            keys.add(member["fname"].split(".", 1)[0])
-                        yield member
-            except Exception as e:  # e.g. a pipe: command that exited non-zero, noticed when closed
-                errors.append(e)
-            # a sample cut short was seen and is dropped (and counted) later; the ones never seen are counted here.
-            # tarfile ends an archive quietly at a corrupt header, so a shard shorter than its sizes.json is a loss
-            expected = _expected_samples(url, sizes_cache)
-            missing = expected - len(keys) if expected is not None else None
-            if errors:
-                COUNTER.add("bad_tar", f"{url}: {type(errors[0]).__name__}: {errors[0]}",
-                            max(0, missing) if missing is not None else 1)
-            elif missing:
-                COUNTER.add("short_shard", f"{url}: {len(keys)} samples, its sizes.json says {expected}",
-                            max(0, missing))
-
-    def stage(src: Iterable[Dict[str, str]]):
-        return group_by_keys(members(src), handler=_count_tar_error)
-    return stage
 
 
 def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from data_tools.folder import shard_folder
-from data_tools.reader import MAX_FAILED_OPENS, make_loader
+from data_tools.reader import make_loader
 from data_tools.remote import open_shard
 from data_tools.samples import ImageOptions
+from data_tools.tar_stream import MAX_FAILED_OPENS
 from pretrain.data import check_shards, count_samples
 
 from conftest import run_torchrun
