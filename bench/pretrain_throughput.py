@@ -2,7 +2,11 @@
 DDP vs DeepSpeed ZeRO-1/2.
 
     python bench/pretrain_throughput.py [--presets tiny vit_b16] [--procs 1 2] [--teachers live cached]
-        [--strategies ddp zero1 zero2] [--out bench/results/pretrain_throughput.json]
+        [--strategies ddp zero1 zero2] [--threads-per-rank N] [--out bench/results/pretrain_throughput.json]
+
+Weak scaling, one core per rank (`--procs 1 2 --threads-per-rank 1`): efficiency = (2-rank img/s) / (2 x 1-rank
+img/s), each rank with one intra-op thread, so the 2-rank run has twice the cores of the 1-rank one and the figure
+measures the system (gradient exchange, ZeRO partitioning), not two ranks sharing the same cores.
 
 Each configuration runs under torchrun (DDP, gloo on CPU / NCCL on GPU) on synthetic batches of the model's input
 size, so the figure is the model step alone (forward of both branches, teacher, losses, backward, AdamW step);
@@ -91,6 +95,8 @@ def main() -> None:
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--teachers", nargs="+", default=["live", "cached"], choices=["live", "cached"])
     parser.add_argument("--strategies", nargs="+", default=["ddp"], choices=STRATEGIES)
+    parser.add_argument("--threads-per-rank", type=int, default=0,
+                        help="intra-op threads of each rank (0: the machine's cores shared by the ranks)")
     parser.add_argument("--out", default="bench/results/pretrain_throughput.json")
     parser.add_argument("--worker", nargs=2, metavar=("SPEC_JSON", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,7 +116,8 @@ def main() -> None:
                     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
                         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc_per_node={nproc}", __file__, "--worker", json.dumps(spec), tmp.name]
-                        run_env = {**env, "OMP_NUM_THREADS": str(max(1, cores // nproc))}  # same cores in both cases
+                        threads = args.threads_per_rank or max(1, cores // nproc)  # default: same cores in both
+                        run_env = {**env, "OMP_NUM_THREADS": str(threads)}
                         done = subprocess.run(cmd, env=run_env, cwd=REPO, stdout=subprocess.PIPE,
                                               stderr=subprocess.STDOUT, text=True)
                         if done.returncode:
@@ -121,10 +128,24 @@ def main() -> None:
                     print(f"{preset:8s} {teacher:6s} {strategy:5s} {nproc} proc: {row['img_per_s']:.2f} img/s "
                           f"({row['step_s_median']:.3f} s/step, {row['threads']} threads/rank, peak RSS "
                           f"{max(row['peak_rss_mib_per_rank'])} MiB/rank, {row['device']})", flush=True)
-    result = {"bench": "pretrain_throughput", "rows": rows, "cores": cores, "command": " ".join(sys.argv)}
+    result = {"bench": "pretrain_throughput", "rows": rows, "cores": cores, "weak_scaling": weak_scaling(rows),
+              "command": " ".join(sys.argv)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {args.out}")
+
+
+def weak_scaling(rows: list) -> list:
+    """(2-rank img/s) / (2 x 1-rank img/s) for each preset, teacher and strategy measured at both sizes with the same
+    threads per rank."""
+    out = []
+    for two in (r for r in rows if r["procs"] == 2):
+        one = next((r for r in rows if r["procs"] == 1 and r["threads"] == two["threads"]
+                    and all(r[k] == two[k] for k in ("preset", "teacher", "strategy"))), None)
+        if one:
+            out.append({k: two[k] for k in ("preset", "teacher", "strategy", "threads")} |
+                       {"efficiency": round(two["img_per_s"] / (2 * one["img_per_s"]), 3)})
+    return out
 
 
 if __name__ == "__main__":
