@@ -24,12 +24,13 @@ from bench.photos import make_images  # noqa: E402
 from data_tools.folder import shard_folder  # noqa: E402
 from data_tools.reader import make_loader  # noqa: E402
 from data_tools.samples import ImageOptions  # noqa: E402
+from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 TRANSFORM = transforms.Compose([
     transforms.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
     transforms.RandomHorizontalFlip(),
     transforms.ToTensor(),
-    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
 ])
 
 

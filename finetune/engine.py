@@ -4,14 +4,13 @@ import csv
 import dataclasses
 import io
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.data import Mixup
 from timm.optim import param_groups_layer_decay
 
@@ -22,7 +21,7 @@ from finetune.encoder import create_encoder
 from finetune.losses import make_criterion
 from finetune.metrics import PRIMARY, compute_metrics
 from runtime import distributed
-from runtime.atomic import atomic_write_json, atomic_write_text
+from runtime.atomic import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from runtime.checkpoint import CheckpointStore
 from runtime.config import config_to_yaml, scaled_lr
 from runtime.guard import StepGuard
@@ -142,10 +141,8 @@ class Finetuning:
 
     def save_best(self, metrics: Dict[str, Any], step: int) -> None:
         if self.env.is_main:
-            tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.strategy.module.state_dict().items()}
-            tmp = self.run_dir / f".{BEST}.tmp"
-            save_file(tensors, str(tmp), metadata={"step": str(step), self.primary: str(metrics[self.primary])})
-            os.replace(tmp, self.run_dir / BEST)
+            atomic_save_safetensors(self.strategy.module.state_dict(), self.run_dir / BEST,
+                                    {"step": str(step), self.primary: str(metrics[self.primary])})
         distributed.barrier()
 
     def run(self) -> Dict[str, Any]:

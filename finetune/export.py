@@ -10,16 +10,17 @@ epoch with its class names, task and evaluation transform. Either loads with tim
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from finetune.encoder import read_encoder_source, to_timm_keys
 from pretrain.mae import MAEArch
+from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
+from runtime.atomic import atomic_save_safetensors
 from runtime.checkpoint import CheckpointError
 
 TIMM_BASE = "vit_base_patch16_224"  # any timm ViT name works: the model arguments below define the architecture
@@ -31,12 +32,6 @@ def timm_model_args(arch: MAEArch, img_size: Optional[int] = None) -> Dict[str, 
             "global_pool": "avg"}
 
 
-def _save(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
-    return out
 
 
 def export_encoder(source: str, out: str, preset: str = "vit_b16") -> Path:
@@ -49,7 +44,7 @@ def export_encoder(source: str, out: str, preset: str = "vit_b16") -> Path:
     tensors = to_timm_keys(state)
     # the pooled-feature LayerNorm a fine-tuning model starts with (1, 0), so timm loads the file strictly
     tensors["fc_norm.weight"], tensors["fc_norm.bias"] = torch.ones(arch.embed_dim), torch.zeros(arch.embed_dim)
-    return _save(tensors, meta, Path(out))
+    return atomic_save_safetensors(tensors, Path(out), meta)
 
 
 def classifier_bundle(run_dir: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -69,15 +64,15 @@ def classifier_bundle(run_dir: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
             "arch": json.dumps(dataclasses.asdict(arch)),
             "timm_model_args": json.dumps(timm_model_args(arch, img_size)),
             "transform": json.dumps({"input_size": img_size, "crop_pct": cfg["aug"]["crop_pct"],
-                                     "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
-                                     "std": [0.229, 0.224, 0.225]}),
+                                     "interpolation": "bicubic", "mean": list(IMAGENET_MEAN),
+                                     "std": list(IMAGENET_STD)}),
             "test_metrics": json.dumps({k: v for k, v in metrics["test"].items() if isinstance(v, float)})}
     return state, meta
 
 
 def export_classifier(run_dir: str, out: str) -> Path:
     state, meta = classifier_bundle(run_dir)
-    return _save(state, meta, Path(out))
+    return atomic_save_safetensors(state, Path(out), meta)
 
 
 def read_export(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

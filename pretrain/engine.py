@@ -1,14 +1,12 @@
 """The pretraining loop: data, strategy step with accumulation, NaN policy, checkpoints and resume, metrics."""
 import json
 import logging
-import os
 import socket
 import time
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
-from safetensors.torch import save_file
 from timm.optim import param_groups_weight_decay
 
 from data_tools.reader import SharedEpoch
@@ -18,7 +16,7 @@ from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import make_teacher
 from pretrain.visualize import reconstruction_grid
 from runtime import distributed
-from runtime.atomic import atomic_write_json
+from runtime.atomic import atomic_save_safetensors, atomic_write_json
 from runtime.checkpoint import CheckpointStore, load_checkpoint, load_model_state
 from runtime.config import config_to_yaml, scaled_lr
 from runtime.flops import device_peak_tflops, training_step_flops
@@ -41,10 +39,7 @@ def export_weights(model: UniEmoXPretrainer, path: Path, step: int) -> None:
     arch = model.mae.arch
     metadata = {"format": "uniemox-pretrain", "step": str(step),
                 **{f"arch.{k}": str(v) for k, v in vars(arch).items()}}
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_save_safetensors(model.state_dict(), path, metadata)
 
 
 class Pretraining:

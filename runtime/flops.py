@@ -5,7 +5,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# dense bf16 peaks per device in TFLOP/s, for `peak_tflops: auto` on a GPU
+# dense bf16 peaks per device in TFLOP/s, looked up when `train.peak_tflops` is unset on a GPU
 GPU_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
 
 
