@@ -1,4 +1,4 @@
-"""The downstream benchmarks: class vocabularies, task types and split rules (docs/METHOD.md §6)."""
+"""The downstream benchmarks: class vocabularies, task types and split rules (docs/method.md §6)."""
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 

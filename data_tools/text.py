@@ -1,4 +1,4 @@
-"""Text descriptions of a photo from its attributes (docs/METHOD.md §4), in the order the method fixes."""
+"""Text descriptions of a photo from its attributes (docs/method.md §4), in the order the method fixes."""
 from typing import Any, Dict, Optional, Sequence
 
 

@@ -1,4 +1,4 @@
-"""Attention fusion of the scene (a) and person (b) embeddings into one (docs/METHOD.md §3), chosen by name."""
+"""Attention fusion of the scene (a) and person (b) embeddings into one (docs/method.md §3), chosen by name."""
 from typing import Callable, Dict, Optional
 
 import torch

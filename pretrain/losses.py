@@ -1,4 +1,4 @@
-"""Loss terms as a registry of named functions (docs/METHOD.md §1), weighted from config and computed in fp32."""
+"""Loss terms as a registry of named functions (docs/method.md §1), weighted from config and computed in fp32."""
 from typing import Callable, Dict
 
 import torch
