@@ -28,9 +28,12 @@ class MetricLogger:
         self.device = device or torch.device("cpu")
         self.console = console
         self.writer = None
+        self._jsonl = None       # RUN/metrics.jsonl beside RUN/tb: one line per log window, for scripts
+        self._pending: Optional[Dict[str, float]] = None
         if log_dir is not None and distributed.is_main():
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(log_dir))
+            self._jsonl = open(Path(log_dir).parent / "metrics.jsonl", "a", buffering=1)
         self._reset()
 
     def _reset(self) -> None:
@@ -77,10 +80,20 @@ class MetricLogger:
         return out
 
     def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
-        """Values already identical on every rank (lr, samples seen): rank 0 writes them as they are."""
+        """Values already identical on every rank (lr, samples seen): rank 0 writes them as they are, to TensorBoard
+        and into the step's line of metrics.jsonl."""
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
+        if self._jsonl is not None:
+            if self._pending is not None and self._pending["step"] != step:
+                self._emit()
+            self._pending = {**(self._pending or {"step": step}), **{k: float(v) for k, v in scalars.items()}}
+
+    def _emit(self) -> None:
+        import json
+        self._jsonl.write(json.dumps(self._pending) + "\n")
+        self._pending = None
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """A CHW float image in [0, 1] (e.g. a grid of reconstructions or a confusion matrix)."""
@@ -92,6 +105,11 @@ class MetricLogger:
             self.writer.add_text(tag, text, step)
 
     def close(self) -> None:
+        if self._jsonl is not None:
+            if self._pending is not None:
+                self._emit()
+            self._jsonl.close()
+            self._jsonl = None
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

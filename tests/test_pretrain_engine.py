@@ -78,6 +78,11 @@ def test_tensorboard_scalars_and_reconstructions(ddp_run):
     assert total == pytest.approx(terms, rel=1e-5)  # all weights 1: the total is the sum of the terms
     images = acc.Images("mae/reconstruction")
     assert [i.step for i in images] == [10, 20] and images[0].width == 3 * 33 + 1 and images[0].height > 8 * 32
+    # the same windows, one JSON line each, in RUN/metrics.jsonl
+    lines = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [5, 10, 15, 20]
+    assert [line["train/loss"] for line in lines] == pytest.approx(total, rel=1e-6)
+    assert [line["train/samples_seen"] for line in lines] == [80, 160, 240, 320]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
