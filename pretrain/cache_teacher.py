@@ -72,7 +72,7 @@ def cache_shard(teacher: nn.Module, shard: str, out_dir: Path, batch_size: int, 
                 writer.write({"__key__": key, "clip_image.npy": _npy(v), "clip_text.npy": _npy(t)})
     stats = {"shard": Path(shard).name, "source": str(shard), "samples": len(samples), "teacher": teacher.arch,
              "checkpoint": teacher.checkpoint, "dim": teacher.embed_dim, "dtype": dtype,
-             "view": f"center {teacher.image_size}"}
+             "view": f"center {teacher.image_size}", "teacher_identity": getattr(teacher, "identity", None)}
     atomic_write_json(out_dir / f"{Path(shard).stem}_stats.json", stats)
     return stats
 
@@ -97,6 +97,22 @@ def cache_teacher(shards: Sequence[str], teacher: nn.Module, out: str, batch_siz
             continue
         done.append(cache_shard(teacher, url, out_dir, batch_size, dtype, dev))
     return done
+
+
+def check_teacher_cache(cache_dir: str, teacher_cfg) -> None:
+    """A cache made by another teacher than the run's `teacher.*` would feed wrong targets silently (two teachers of
+    one width fit the same slots): an error naming both. Caches that recorded no identity are let through."""
+    from pretrain.teacher import teacher_identity
+    stats_files = sorted(Path(cache_dir).glob("*_stats.json"))
+    if not stats_files:
+        raise FileNotFoundError(f"data.teacher_cache={cache_dir}: no *_stats.json (not made by pretrain.cache_teacher, "
+                                f"or not finished)")
+    recorded = json.loads(stats_files[0].read_text()).get("teacher_identity")
+    expected = teacher_identity(teacher_cfg)
+    if recorded is not None and recorded != expected:
+        raise ValueError(f"data.teacher_cache={cache_dir} was made by the teacher {recorded}, but this run's teacher.* "
+                         f"is {expected}: rebuild the cache with this teacher (python -m pretrain.cache_teacher), or "
+                         f"set teacher.* to the cache's")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

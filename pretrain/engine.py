@@ -11,6 +11,7 @@ from timm.optim import param_groups_weight_decay
 
 from data_tools.reader import SharedEpoch
 from pretrain.config import PretrainConfig
+from pretrain.cache_teacher import check_teacher_cache
 from pretrain.data import PretrainTransform, build_loader, check_shards, count_samples
 from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import make_teacher
@@ -55,6 +56,8 @@ class Pretraining:
         world, batch = self.env.world_size, cfg.data.batch_size
         self.samples_per_step = batch * cfg.optim.accum_steps * world
         check_shards(cfg.data.train)  # missing or empty shards: an error naming them, before anything is built
+        if cfg.teacher.cached and cfg.data.teacher_cache and (cfg.loss.paired > 0 or cfg.loss.relational > 0):
+            check_teacher_cache(cfg.data.teacher_cache, cfg.teacher)
         samples = cfg.data.samples_per_epoch or count_samples(cfg.data.train, cfg.data.url_timeout_s)
         self.steps_per_epoch = max(1, samples // self.samples_per_step)
         self.total_steps = max(1, int(round(cfg.train.epochs * self.steps_per_epoch)))

@@ -115,14 +115,29 @@ def teacher_arch(cfg) -> str:
     return cfg.arch or DEFAULT_ARCH[cfg.backend]
 
 
+def teacher_identity(cfg) -> Dict[str, Any]:
+    """What makes a teacher's embeddings what they are, from its config alone (paths made absolute): recorded in a
+    teacher cache, and compared with the run's teacher when the cache is used."""
+    def canonical(value: str) -> str:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+    identity = {"backend": cfg.backend, "arch": canonical(teacher_arch(cfg)), "checkpoint": canonical(cfg.checkpoint)}
+    if cfg.backend == "classifier":
+        identity.update(text_encoder=canonical(cfg.text_encoder), image_size=cfg.image_size,
+                        temperature=cfg.temperature)
+    return identity
+
+
 def make_teacher(cfg) -> Union[CLIPTeacher, "ClassifierTextTeacher"]:  # noqa: F821
     """The frozen teacher a TeacherConfig describes (both backends share one interface: embed_dim, image_size,
-    tokenize / tokenizer, encode_image, encode_text, logit_scale)."""
+    tokenize / tokenizer, encode_image, encode_text, logit_scale, identity)."""
     if cfg.backend == "open_clip":
-        return CLIPTeacher(teacher_arch(cfg), cfg.checkpoint)
-    from pretrain.classifier_teacher import ClassifierTextTeacher
-    return ClassifierTextTeacher(teacher_arch(cfg), cfg.checkpoint, cfg.text_encoder, cfg.image_size,
-                                 cfg.temperature, cfg.checkpoint_sha256)
+        teacher = CLIPTeacher(teacher_arch(cfg), cfg.checkpoint)
+    else:
+        from pretrain.classifier_teacher import ClassifierTextTeacher
+        teacher = ClassifierTextTeacher(teacher_arch(cfg), cfg.checkpoint, cfg.text_encoder, cfg.image_size,
+                                        cfg.temperature, cfg.checkpoint_sha256)
+    teacher.identity = teacher_identity(cfg)
+    return teacher
 
 
 def teacher_embed_dim(cfg) -> int:

@@ -188,3 +188,19 @@ def test_cache_teacher_command(teacher, tmp_path):
     assert cache_main(args) == 0  # resumable per shard: only the shard without its marker is redone
     assert os.stat(tmp_path / "cache" / "00001.tar").st_mtime_ns == before
     assert (tmp_path / "cache" / "00002_stats.json").is_file()
+
+    # the cache records its teacher: the same teacher.* passes, another one (same width) is refused naming both
+    from pretrain.cache_teacher import check_teacher_cache
+    same = TeacherConfig(checkpoint=str(tmp_path / "clip.pt"), arch=TINY_CLIP, cached=True)
+    check_teacher_cache(str(tmp_path / "cache"), same)
+    torch.save(teacher.model.state_dict(), tmp_path / "other.pt")
+    other = TeacherConfig(checkpoint=str(tmp_path / "other.pt"), arch=TINY_CLIP, cached=True)
+    with pytest.raises(ValueError, match=r"was made by the teacher .*clip.pt.*but this run's teacher.* is .*other.pt"):
+        check_teacher_cache(str(tmp_path / "cache"), other)
+    from pretrain.main import main as pretrain_main
+    rc = pretrain_main(["--config", "configs/pretrain/tiny.yaml",
+                        f"data.train=[{tmp_path / 'shards' / 'train' / '{00000..00002}.tar'}]",
+                        f"run.output_dir={tmp_path / 'run'}", "teacher.cached=true",
+                        f"data.teacher_cache={tmp_path / 'cache'}", f"teacher.checkpoint={tmp_path / 'other.pt'}",
+                        f"teacher.arch={TINY_CLIP}", "data.num_workers=0", "data.batch_size=4"])
+    assert rc == 3 and not (tmp_path / "run" / "checkpoints").exists()
