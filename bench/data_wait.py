@@ -10,7 +10,6 @@ reported apart from the steady-state windows after it. Each preset runs with tor
 with OMP_NUM_THREADS=1 (the loader workers then have the other cores to themselves).
 """
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ sys.path.insert(0, str(REPO))
 from bench.photos import make_images  # noqa: E402
 from data_tools.folder import shard_folder  # noqa: E402
 from data_tools.samples import ImageOptions  # noqa: E402
+from runtime.atomic import atomic_write_json  # noqa: E402
 
 SETTINGS = {  # preset -> (config, batch, steps, log_every)
     "tiny": ("configs/pretrain/tiny.yaml", 32, 60, 10),
@@ -80,8 +80,7 @@ def main() -> None:
                       f"{row['batch']}; first window {row['first_window']['data_wait_share']:.1%})", flush=True)
     result = {"bench": "data_wait", "images": args.images, "cores": os.cpu_count(), "rows": rows,
               "command": " ".join(sys.argv)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(f"-> {args.out}")
 
 

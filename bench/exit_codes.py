@@ -18,6 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.photos import make_shards  # noqa: E402
+from runtime.atomic import atomic_write_json  # noqa: E402
 
 
 def command(kind: str, shards: str, out: Path) -> list:
@@ -58,8 +59,7 @@ def main() -> None:
     result = {"bench": "exit_codes", "per_kind": per_kind, "all_clean": all(r["rc"] == 0 for r in rows),
               "seconds": round(time.time() - start), "cores": os.cpu_count(), "failures": [r for r in rows if r["rc"]],
               "command": " ".join(sys.argv)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(json.dumps(per_kind), f"-> {args.out}")
 
 

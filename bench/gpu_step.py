@@ -18,6 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from runtime.atomic import atomic_write_json  # noqa: E402
 
 
 def measure(preset: str, batch: int, steps: int, compile_model: bool, live_teacher: bool, peak: float,
@@ -105,8 +106,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     result = {"bench": "gpu_step", "rows": rows, "torch": torch.__version__, "command": " ".join(sys.argv)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(f"-> {args.out}")
 
 

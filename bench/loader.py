@@ -7,7 +7,6 @@ same transform (RandomResizedCrop 224, flip, ToTensor, Normalize); runs alternat
 full passes is reported, after one warm-up pass each.
 """
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -25,6 +24,7 @@ from data_tools.folder import shard_folder  # noqa: E402
 from data_tools.reader import make_loader  # noqa: E402
 from data_tools.samples import ImageOptions  # noqa: E402
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from runtime.atomic import atomic_write_json  # noqa: E402
 
 TRANSFORM = transforms.Compose([
     transforms.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
@@ -83,8 +83,7 @@ def main() -> None:
               "machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
                           "torch": torch.__version__, "processor": platform.processor()},
               "rows": rows, "command": " ".join(sys.argv)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print("loader: WebDataset/ImageFolder ratio " + ", ".join(f"{r['workers']}w {r['ratio']:.2f}" for r in rows)
           + f" -> {args.out}")
 

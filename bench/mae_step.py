@@ -14,7 +14,6 @@ photos (640x427), each image detected, cropped at its box and resized to the mod
 """
 import argparse
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -38,6 +37,7 @@ from pretrain.mae import MaskedAutoencoderViT, get_arch  # noqa: E402
 from pretrain.model import UniEmoXPretrainer  # noqa: E402
 from pretrain.data import crop_box, train_view  # noqa: E402
 from pretrain.teacher import CLIPTeacher  # noqa: E402
+from runtime.atomic import atomic_write_json  # noqa: E402
 from runtime.config import OptimConfig  # noqa: E402
 from runtime.flops import measure_matmul_tflops, training_step_flops  # noqa: E402
 from runtime.optim import adamw  # noqa: E402
@@ -216,8 +216,7 @@ def write_result(args, peak: float, rows: list) -> None:
     result = {"bench": "mae_step", "threads": torch.get_num_threads(), "mask_ratio": args.mask_ratio,
               "peak_tflops_measured": peak, "python": platform.python_version(), "torch": torch.__version__,
               "rows": rows, "command": " ".join(sys.argv)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(f"-> {args.out}", flush=True)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from runtime.atomic import atomic_write_json  # noqa: E402
 
 SETTINGS = {  # preset -> (teacher arch, batch per rank, timed steps)
     "tiny": ("configs/teacher/tiny-clip.json", 32, 30),
@@ -130,8 +131,7 @@ def main() -> None:
                           f"{max(row['peak_rss_mib_per_rank'])} MiB/rank, {row['device']})", flush=True)
     result = {"bench": "pretrain_throughput", "rows": rows, "cores": cores, "weak_scaling": weak_scaling(rows),
               "command": " ".join(sys.argv)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(f"-> {args.out}")
 
 

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import psutil
-import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.photos import make_shards  # noqa: E402
+from runtime.atomic import atomic_write_json  # noqa: E402
 from runtime.checkpoint import CheckpointStore, load_checkpoint  # noqa: E402
 
 STEPS_PER_EPOCH = 5  # 160 samples / (batch 16 x 2 ranks)
@@ -140,7 +140,6 @@ def main() -> None:
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rng, start, rows = random.Random(args.seed), time.time(), []
-    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp) / "data", 160)
         for strategy in args.strategies:
@@ -148,8 +147,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "kills"}), flush=True)
     result = {"bench": "soak", "seed": args.seed, "rows": rows, "seconds": round(time.time() - start),
               "command": " ".join(sys.argv)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(f"-> {args.out}")
 
 

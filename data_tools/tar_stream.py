@@ -38,12 +38,12 @@ def _count_tar_error(exn: Exception) -> bool:
     return True
 
 
-def _expected_samples(url: str, sizes_cache: Dict[str, dict]) -> Optional[int]:
+def _expected_samples(url: str, sizes_cache: Dict[str, dict], timeout_s: float) -> Optional[int]:
     """The shard's sample count from the sizes.json beside it, or None where there is none to read."""
     if is_pipe(url):
         return None
     try:
-        return read_sizes(url, 10.0, sizes_cache).get(shard_name(url))
+        return read_sizes(url, timeout_s, sizes_cache).get(shard_name(url))
     except ValueError:
         sizes_cache[sizes_location(url)] = {}  # none to read: not asked again
         return None
@@ -64,7 +64,7 @@ def tar_samples(timeout_s: float = URL_TIMEOUT_S):
             try:
                 stream = open_shard(url, timeout_s)
             except Exception as e:
-                expected = _expected_samples(url, sizes_cache)
+                expected = _expected_samples(url, sizes_cache, timeout_s)
                 COUNTER.add("unreadable_shard", f"{url}: {type(e).__name__}: {e}", expected or 1)
                 failed += 1
                 if failed >= MAX_FAILED_OPENS:
@@ -85,7 +85,7 @@ def tar_samples(timeout_s: float = URL_TIMEOUT_S):
                 errors.append(e)
             # a sample cut short was seen and is dropped (and counted) later; the ones never seen are counted here.
             # tarfile ends an archive quietly at a corrupt header, so a shard shorter than its sizes.json is a loss
-            expected = _expected_samples(url, sizes_cache)
+            expected = _expected_samples(url, sizes_cache, timeout_s)
             missing = expected - len(keys) if expected is not None else None
             if errors:
                 COUNTER.add("bad_tar", f"{url}: {type(errors[0]).__name__}: {errors[0]}",

@@ -48,6 +48,14 @@ def make_class_tree(root: Path, classes: Sequence[str], per_class: int, size: in
     return {name: per_class for name in classes}
 
 
+def toy_train_shards(root: Path) -> Path:
+    """A generic 'toy' train split: 3 classes x 20 photo crops of 24 px in 10 shards of 6 (with sizes.json)."""
+    make_class_tree(root / "src", ["a", "b", "c"], per_class=20, size=24)
+    shard_folder("toy", str(root / "src"), str(root / "out"), generic=True, ratios=(1.0, 0.0, 0.0),
+                 shard_size=6, min_shards=8, options=ImageOptions(detector="none"))
+    return root / "out" / "train"
+
+
 def emotion6_shards(root: Path, per_class: int, shard_size: int, min_shards: int) -> Path:
     """Emotion6-shaped shards (40 px photo crops tinted by class, so the classes are learnable) in root/shards."""
     make_class_tree(root / "src", E6, per_class=per_class, size=40)

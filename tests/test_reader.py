@@ -8,12 +8,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from data_tools.folder import shard_folder
 from data_tools.reader import SharedEpoch, make_loader
-from data_tools.samples import ImageOptions
 
 from conftest import run_torchrun
-from image_data import jpeg_bytes, make_class_tree, photo_crop
+from image_data import jpeg_bytes, photo_crop, toy_train_shards
 
 
 def key_label(sample):
@@ -31,11 +29,7 @@ def all_keys(split_dir):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reader")
-    make_class_tree(root / "src", ["a", "b", "c"], per_class=20, size=24)
-    shard_folder("toy", str(root / "src"), str(root / "out"), generic=True, ratios=(1.0, 0.0, 0.0),
-                 shard_size=6, min_shards=8, options=ImageOptions(detector="none"))
-    return root / "out" / "train"
+    return toy_train_shards(tmp_path_factory.mktemp("reader"))
 
 
 def test_plain_epoch_reads_every_sample_once(shards):

@@ -7,15 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.folder import shard_folder
 from data_tools.reader import make_loader
 from data_tools.remote import open_shard
-from data_tools.samples import ImageOptions
 from data_tools.tar_stream import MAX_FAILED_OPENS
 from pretrain.data import check_shards, count_samples
 
 from conftest import run_torchrun
-from image_data import make_class_tree
+from image_data import toy_train_shards
 from pretrain_fixtures import pretrain_args
 from shard_server import serve
 
@@ -32,11 +30,7 @@ def keys_of(path):
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     """60 images in 10 shards of 6, with sizes.json."""
-    root = tmp_path_factory.mktemp("remote")
-    make_class_tree(root / "src", ["a", "b", "c"], per_class=20, size=24)
-    shard_folder("toy", str(root / "src"), str(root / "out"), generic=True, ratios=(1.0, 0.0, 0.0),
-                 shard_size=6, min_shards=8, options=ImageOptions(detector="none"))
-    return root / "out" / "train"
+    return toy_train_shards(tmp_path_factory.mktemp("remote"))
 
 
 def read_keys(urls, **kw):

@@ -40,8 +40,10 @@ def evil(tmp_path):
 
 
 def refused(call, path):
-    with pytest.raises(CheckpointError, match=r"refused to load: it pickles more than tensors.*system"):
+    """The call raises a CheckpointError that says why and names the file (or the directory holding it)."""
+    with pytest.raises(CheckpointError, match=r"refused to load: it pickles more than tensors.*system") as e:
         call()
+    assert str(path) in str(e.value)
 
 
 def test_every_loader_refuses_a_pickled_callable(evil, tmp_path):

@@ -8,6 +8,7 @@
 # - Job steps inherit slurmd's namespaces; a private mount namespace binds BASE/hosts over /etc/hosts, so node names
 #   resolve for torchrun's rendezvous without touching the machine's /etc/hosts.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 BASE=${1:?usage: multinode_up.sh BASE NODES PREFIX}; NODES=${2:-2}; PFX=${3:-umn}
 NET=${MULTINODE_NET:-10.213.0}
 CPUS=${MULTINODE_CPUS:-2}
@@ -32,31 +33,14 @@ for k in $(seq 1 "$NODES"); do
   echo "$NET.$k node$k" >> "$BASE/hosts"
   mkdir -p "$BASE/spool/dnode$k"
 done
-[ -s /etc/munge/munge.key ] || { mungekey --create 2>/dev/null || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null;
-  chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key; }
-mkdir -p /run/munge && chown munge:munge /run/munge
-pgrep -x munged >/dev/null || setsid runuser -u munge -- /usr/sbin/munged
+munge_up
 {
 cat <<CONF
 ClusterName=uniemox-mn
 SlurmctldHost=node1($NET.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
-MinJobAge=600
-KillWait=30
+CONF
+common_conf
+cat <<CONF
 SlurmctldPidFile=$BASE/run/slurmctld.pid
 SlurmdPidFile=$BASE/run/slurmd-%n.pid
 StateSaveLocation=$BASE/spool/ctld
