@@ -45,7 +45,10 @@ bench: $(STAMP)
 	$(PY) bench/data_wait.py
 	$(PY) bench/pretrain_throughput.py
 	$(PY) bench/pretrain_throughput.py --teachers cached --strategies ddp zero1 zero2 --out bench/results/strategies.json
+	$(PY) bench/pretrain_throughput.py --presets vit_b16 --teachers cached --strategies ddp zero1 zero2 --procs 1 2 \
+		--threads-per-rank 1 --out bench/results/weak_scaling.json
 	$(PY) bench/mae_step.py
+	$(PY) bench/summary.py
 
 soak: $(STAMP)
 	$(PY) bench/exit_codes.py

@@ -43,7 +43,7 @@ def measure(preset: str, batch: int, steps: int, compile_model: bool, live_teach
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], OptimConfig(lr=1e-4))
     size = model.mae.arch.img_size
     data = {"image": torch.randn(batch, 3, size, size, device=device),
-            "person": torch.randn(batch, 3, size, size, device=device),
+            "person": torch.randn(batch, 3, *(model.person_img_size,) * 2, device=device),
             "text": teacher.tokenize(["The overall emotion conveyed is awe."] * batch).to(device)}
     if not live_teacher:
         data["clip_image"] = F.normalize(torch.randn(batch, teacher.embed_dim, device=device), dim=-1)

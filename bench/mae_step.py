@@ -1,6 +1,7 @@
 """Step throughput and MFU against the plain MAE recipe: a reference MAE step written from the paper vs our MAE-only
-step vs our full step (both branches + fusion + distillation) with a cached teacher, with a live teacher, and with
-a live teacher plus a person detector run inline on every image (the reference code's way).
+step vs our full step (both branches + fusion + distillation) with a cached teacher (person crop at the scene's
+size, and at --person-fraction of it: model.person_img_size), with a live teacher, and with a live teacher plus a
+person detector run inline on every image (the reference code's way).
 
     python bench/mae_step.py [--presets tiny vit_b16 vit_l16] [--repeats 3] [--out bench/results/mae_step.json]
 
@@ -44,8 +45,8 @@ from runtime.optim import adamw  # noqa: E402
 
 # preset -> (teacher, batch, at most this many timed repeats, variants); ViT-L runs the three without a live
 # teacher: five ViT-L models with their AdamW state do not fit in 24 GB
-SETTINGS = {"tiny": ("configs/teacher/tiny-clip.json", 32, 3, 5), "vit_b16": ("ViT-B-16", 8, 3, 5),
-            "vit_l16": ("ViT-B-16", 4, 2, 3)}
+SETTINGS = {"tiny": ("configs/teacher/tiny-clip.json", 32, 3, 6), "vit_b16": ("ViT-B-16", 8, 3, 6),
+            "vit_l16": ("ViT-B-16", 4, 2, 4)}
 
 
 class ReferenceMAE(nn.Module):
@@ -100,8 +101,10 @@ class ReferenceMAE(nn.Module):
         return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
 
 
-VARIANTS = ["reference_mae", "ours_mae_only", "ours_full_cached", "ours_full_live", "ours_full_live_inline_detector"]
+VARIANTS = ["reference_mae", "ours_mae_only", "ours_full_cached", "ours_full_cached_small_person", "ours_full_live",
+            "ours_full_live_inline_detector"]
 RATIOS = [("ours_mae_only", "reference_mae"), ("ours_full_cached", "ours_mae_only"),
+          ("ours_full_cached_small_person", "ours_mae_only"),
           ("ours_full_cached", "ours_full_live"), ("ours_full_cached", "ours_full_live_inline_detector")]
 
 
@@ -118,6 +121,11 @@ def make_step(model, loss_fn, ours: bool, before=None):
         loss.backward()
         optim.step()
     return step
+
+
+def person_side(arch, fraction: float) -> int:
+    """The reduced person branch's input side: that fraction of the scene's, rounded to whole patches (>= 1)."""
+    return max(1, round(arch.img_size * fraction / arch.patch_size)) * arch.patch_size
 
 
 def inline_person_crops(batch: int, size: int):
@@ -141,16 +149,21 @@ def bench_preset(preset: str, args, peak: float) -> dict:
     torch.manual_seed(0)
     imgs = torch.randn(batch, 3, arch.img_size, arch.img_size)
     person = torch.randn_like(imgs)
+    small_side = person_side(arch, args.person_fraction)
+    small_person = torch.randn(batch, 3, small_side, small_side)
     teacher = CLIPTeacher(str(REPO / teacher_arch) if teacher_arch.endswith(".json") else teacher_arch, "random")
     tokens = teacher.tokenize(["The overall emotion conveyed is awe."] * batch)
     clip_image = torch.nn.functional.normalize(torch.randn(batch, teacher.embed_dim), dim=-1)
     clip_text = torch.nn.functional.normalize(torch.randn(batch, teacher.embed_dim), dim=-1)
     model_cfg = ModelConfig(preset=preset, mask_ratio=args.mask_ratio)
+    small_cfg = ModelConfig(preset=preset, mask_ratio=args.mask_ratio, person_img_size=small_side)
     want = set(VARIANTS[:n_variants])  # the inline-detector variant comes with (and reuses) the live one
     builders = {
         "reference_mae": lambda: ReferenceMAE(arch, args.mask_ratio),
         "ours_mae_only": lambda: MaskedAutoencoderViT(arch),
         "ours_full_cached": lambda: UniEmoXPretrainer(model_cfg, LossConfig(), TeacherConfig(
+            checkpoint="random", arch=teacher.arch, cached=True)),
+        "ours_full_cached_small_person": lambda: UniEmoXPretrainer(small_cfg, LossConfig(), TeacherConfig(
             checkpoint="random", arch=teacher.arch, cached=True)),
         "ours_full_live": lambda: UniEmoXPretrainer(model_cfg, LossConfig(), TeacherConfig(
             checkpoint="random", arch=teacher.arch), teacher),
@@ -162,6 +175,8 @@ def bench_preset(preset: str, args, peak: float) -> dict:
         "reference_mae": (lambda: models["reference_mae"](imgs), None),
         "ours_mae_only": (lambda: models["ours_mae_only"](imgs, args.mask_ratio)[0], None),
         "ours_full_cached": (lambda: models["ours_full_cached"](cached_batch).loss, None),
+        "ours_full_cached_small_person": (
+            lambda: models["ours_full_cached_small_person"]({**cached_batch, "person": small_person}).loss, None),
         "ours_full_live": (lambda: models["ours_full_live"](live_batch).loss,
                            lambda: (teacher.encode_image(imgs), teacher.encode_text(tokens))),
     }
@@ -186,7 +201,8 @@ def bench_preset(preset: str, args, peak: float) -> dict:
     step_s = {k: statistics.median(v) for k, v in times.items()}
     img_s = {k: batch / v for k, v in step_s.items()}
     mfu = {k: flops[k] / step_s[k] / (peak * 1e12) for k in variants}
-    row = {"preset": preset, "batch": batch, "repeats": repeats, "img_per_s": img_s,
+    row = {"preset": preset, "batch": batch, "repeats": repeats, "small_person_img_size": small_side,
+           "img_per_s": img_s,
            "gflops_per_step": {k: v / 1e9 for k, v in flops.items()}, "mfu": mfu,
            "ratios": {f"{a} / {b}": img_s[a] / img_s[b] for a, b in RATIOS if a in img_s and b in img_s}}
     return row
@@ -197,6 +213,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "vit_b16", "vit_l16"], choices=SETTINGS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--person-fraction", type=float, default=0.5,
+                        help="the small-person variant's person side as a fraction of the scene's (0.5: 112 for 224)")
     parser.add_argument("--out", default="bench/results/mae_step.json")
     args = parser.parse_args()
     peak = measure_matmul_tflops()

@@ -19,6 +19,21 @@ def make_images(root: Path, n: int, classes: int = 4) -> None:
         Image.fromarray(photo[y:y + side, x:x + side]).save(folder / f"{i:05d}.jpg", quality=90)
 
 
+def make_web_photos(root: Path, n: int, classes: int = 4) -> None:
+    """n web-size photos: crops of 400-640 x 300-427 px (landscape and portrait, never upscaled) of scikit-learn's
+    two bundled 640x427 photos, JPEG quality 90, in class folders."""
+    photos = [np.asarray(p) for p in load_sample_images().images]
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        photo = photos[i % 2]
+        w, h = int(rng.integers(400, 641)), int(rng.integers(300, 428))
+        y, x = int(rng.integers(0, photo.shape[0] - h + 1)), int(rng.integers(0, photo.shape[1] - w + 1))
+        crop = Image.fromarray(photo[y:y + h, x:x + w])
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (crop.transpose(Image.ROTATE_90) if i % 4 == 3 else crop).save(folder / f"{i:05d}.jpg", quality=90)
+
+
 def make_shards(root: Path, n: int, shard_size: int = 16, min_shards: int = 8) -> str:
     """n photo crops as train shards (generic dataset 'bench', no person boxes); returns their brace pattern."""
     from data_tools.folder import shard_folder

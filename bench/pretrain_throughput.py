@@ -62,7 +62,7 @@ def worker(spec: dict, out: str) -> None:
                              batch_per_rank=batch, precision=precision)
     size = model.mae.arch.img_size
     batch_data = {"image": torch.randn(batch, 3, size, size, device=device),
-                  "person": torch.randn(batch, 3, size, size, device=device),
+                  "person": torch.randn(batch, 3, *(model.person_img_size,) * 2, device=device),
                   "text": teacher.tokenize(["The overall emotion conveyed is awe."] * batch).to(device)}
     if cached:
         batch_data["clip_image"] = torch.nn.functional.normalize(torch.randn(batch, teacher.embed_dim), dim=-1).to(device)

@@ -1,7 +1,7 @@
 """Decode, validate and re-encode one image: pixel cap, alpha and CMYK to RGB, max side, JPEG quality."""
 import io
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -47,6 +47,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError("decode_error", f"{type(e).__name__}: {e}") from None
     img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def load_rgb(img: Image.Image, draft_size: Optional[Tuple[int, int]] = None) -> Image.Image:
+    """Decode an opened image to RGB; with draft_size, a JPEG decodes at the smallest libjpeg scale (1/2, 1/4,
+    1/8) still at least that large. Broken data: ImageError('decode_error')."""
+    try:
+        if draft_size:
+            img.draft("RGB", draft_size)
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError("decode_error", f"{type(e).__name__}: {e}") from None
     return to_rgb(img)
 
 

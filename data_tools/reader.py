@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.filters import _shuffle
 
-from data_tools.images import to_rgb
+from data_tools.images import ImageError, load_rgb
 from data_tools.remote import URL_TIMEOUT_S, shard_name
 from data_tools.tar_stream import COUNTER, tar_samples
 from runtime.launcher_watch import die_with_parent
@@ -129,7 +129,9 @@ def attach_sidecar(sidecar_dir: str):
 
 
 def decode_samples(image_format: str = "pil"):
-    """Raw tar members -> {'__key__', '__url__', 'image', 'meta'}; unusable samples are dropped and counted."""
+    """Raw tar members -> {'__key__', '__url__', 'image', 'meta'}; unusable samples are dropped and counted.
+    image_format: 'pil' (decoded RGB), 'lazy' (opened, decoded by the transform: data_tools.crops can then decode
+    a JPEG at draft scale; broken data are counted there) or 'torchvision' (uint8 CHW tensor)."""
     import json
     from torchvision.io import ImageReadMode, decode_image
 
@@ -144,10 +146,10 @@ def decode_samples(image_format: str = "pil"):
                 continue
             try:
                 meta = json.loads(sample["json"])
-                if image_format == "pil":
-                    image = Image.open(io.BytesIO(sample["jpg"]))
-                    image.load()
-                    image = to_rgb(image)
+                if image_format in ("pil", "lazy"):
+                    image = Image.open(io.BytesIO(sample["jpg"]))  # the header only
+                    if image_format == "pil":
+                        image = load_rgb(image)
                 else:
                     image = decode_image(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8),
                                          mode=ImageReadMode.RGB)
@@ -170,6 +172,9 @@ def transform_samples(transform: Callable[[Dict[str, Any]], Dict[str, Any]]):
         for sample in src:
             try:
                 out = transform(sample)
+            except ImageError as e:  # a lazily decoded image whose data are broken: corrupt, like at decode
+                COUNTER.add("corrupt_sample", f"{sample.get('__url__')}:{sample.get('__key__')}: {e}")
+                continue
             except Exception as e:
                 COUNTER.add("bad_sample", f"{sample.get('__url__')}:{sample.get('__key__')}: {type(e).__name__}: {e}")
                 failed += 1

@@ -9,6 +9,7 @@ from runtime.config import DebugConfig, OptimConfig, RunConfig, must_exist
 class ModelConfig:
     preset: str = "vit_l16"                 # tiny, vit_b16, vit_l16, vit_h14 (pretrain/mae.py PRESETS)
     img_size: Optional[int] = None          # each of these overrides the preset's value
+    person_img_size: Optional[int] = None   # the person crop's side (default: img_size); smaller = fewer tokens
     patch_size: Optional[int] = None
     embed_dim: Optional[int] = None
     depth: Optional[int] = None

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from data_tools.crops import DraftResizedCrops, person_region
 from data_tools.reader import SharedEpoch, expand_urls, make_loader
 from data_tools.remote import URL_TIMEOUT_S, is_remote, read_sizes, shard_name
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
@@ -13,15 +14,8 @@ from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
 
 def crop_box(image: Image.Image, box: Optional[Sequence[float]]) -> Image.Image:
     """The person crop: the stored box (fractions of width/height) of this very image, or the whole image."""
-    if not box:
-        return image
-    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-        raise ValueError(f"person_box {box!r} is not four numbers")
-    w, h = image.size
-    x0, y0, x1, y1 = (int(round(v)) for v in (box[0] * w, box[1] * h, box[2] * w, box[3] * h))
-    if x1 - x0 < 2 or y1 - y0 < 2:
-        return image
-    return image.crop((x0, y0, x1, y1))
+    region = person_region(image.size, box)
+    return image if region is None else image.crop(region)
 
 
 def train_view(img_size: int, scale: Tuple[float, float]) -> transforms.Compose:
@@ -36,18 +30,23 @@ def train_view(img_size: int, scale: Tuple[float, float]) -> transforms.Compose:
 
 class PretrainTransform:
     """Decoded sample -> {'image', 'person'?, 'text' | 'clip_image' + 'clip_text'}; module-level and picklable so
-    loader workers can run it. Both views are augmented independently."""
+    loader workers can run it. The two views (RandomResizedCrop + flip, MAE's pretraining augmentation) are drawn
+    independently from one decode of the image (at JPEG draft scale when both allow it) and leave as uint8:
+    `normalize_views` makes them ImageNet-normalised floats once per batch, on the device."""
 
     def __init__(self, img_size: int, scale: Tuple[float, float], person: bool,
-                 tokenizer: Optional[Callable[[List[str]], torch.Tensor]], cached: bool, keep_key: bool = False):
-        self.view = train_view(img_size, scale)
+                 tokenizer: Optional[Callable[[List[str]], torch.Tensor]], cached: bool, keep_key: bool = False,
+                 person_img_size: Optional[int] = None):
+        self.crops = DraftResizedCrops(scale)
+        self.img_size, self.person_img_size = img_size, person_img_size or img_size
         self.person, self.tokenizer, self.cached, self.keep_key = person, tokenizer, cached, keep_key
 
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
         image, meta = sample["image"], sample["meta"]
-        out: Dict[str, Any] = {"image": self.view(image)}
+        views = [(None, self.img_size)]
         if self.person:
-            out["person"] = self.view(crop_box(image, meta.get("person_box")))
+            views.append((person_region(image.size, meta.get("person_box")), self.person_img_size))
+        out: Dict[str, Any] = dict(zip(("image", "person"), self.crops(image, views)))
         if self.cached:
             out["clip_image"] = torch.from_numpy(sample["sidecar"]["clip_image"]).float()
             out["clip_text"] = torch.from_numpy(sample["sidecar"]["clip_text"]).float()
@@ -59,6 +58,21 @@ class PretrainTransform:
         if self.keep_key:
             out["key"] = sample["__key__"]
         return out
+
+
+VIEWS = ("image", "person")
+
+
+def normalize_views(batch: Dict[str, Any], dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    """The uint8 views of a batch (already on its device) -> ImageNet-normalised floats (fp32, or dtype)."""
+    out = dict(batch)
+    for key in VIEWS:
+        if key in out and out[key].dtype == torch.uint8:
+            x = out[key]
+            mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+            std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+            out[key] = ((x.float() - mean) / std).to(dtype or torch.float32)
+    return out
 
 
 def count_samples(patterns: Sequence[str], timeout_s: float = URL_TIMEOUT_S) -> int:
@@ -96,5 +110,5 @@ def build_loader(data, transform: PretrainTransform, *, batches: int, seed: int,
     return make_loader(sources if len(sources) > 1 else sources[0], batch_size=data.batch_size, transform=transform,
                        num_workers=data.num_workers, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                        resampled=data.resampled, batches_per_epoch=batches if data.resampled else None,
-                       weights=data.weights, shuffle_buffer=data.shuffle_buffer, drop_last=True,
+                       weights=data.weights, shuffle_buffer=data.shuffle_buffer, drop_last=True, image_format="lazy",
                        sidecar_dir=data.teacher_cache, segment=segment, url_timeout_s=data.url_timeout_s)

@@ -12,7 +12,7 @@ from timm.optim import param_groups_weight_decay
 from data_tools.reader import SharedEpoch
 from pretrain.config import PretrainConfig
 from pretrain.cache_teacher import check_teacher_cache
-from pretrain.data import PretrainTransform, build_loader, check_shards, count_samples
+from pretrain.data import PretrainTransform, build_loader, check_shards, count_samples, normalize_views
 from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import make_teacher
 from pretrain.visualize import reconstruction_grid
@@ -83,7 +83,7 @@ class Pretraining:
         self.transform = PretrainTransform(
             self.model.mae.arch.img_size, cfg.data.crop_scale, self.model.uses_person,
             teacher.tokenizer if teacher is not None else None, distill and cfg.teacher.cached,
-            keep_key=cfg.debug.record_keys)
+            keep_key=cfg.debug.record_keys, person_img_size=self.model.person_img_size)
         self.epoch = SharedEpoch()
         self.step = 0
 
@@ -189,7 +189,8 @@ class Pretraining:
                 self.strategy.set_lr(lr)
                 done = optimizer_step(self.strategy, stream, forward, guard, step, cfg.optim.accum_steps,
                                       self.precision, self.device, self.input_dtype, on_loss=self.inject_faults,
-                                      on_first_batch=first_batch if flops_per_sample is None else None)
+                                      on_first_batch=first_batch if flops_per_sample is None else None,
+                                      prepare=lambda b: normalize_views(b, self.input_dtype))
                 stopped = stopped or done.stop
                 dropped += done.corrupt
                 values = {} if done.skipped else {"loss": done.loss.detach(),

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -72,7 +72,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.arch = arch
         self.norm_pix_loss = norm_pix_loss
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        self.patch_embed = PatchEmbed(arch.img_size, arch.patch_size, arch.in_chans, arch.embed_dim)
+        # other input sides are accepted (the person branch may run at its own resolution): see position_embedding
+        self.patch_embed = PatchEmbed(arch.img_size, arch.patch_size, arch.in_chans, arch.embed_dim,
+                                      strict_img_size=False)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, arch.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, arch.embed_dim), requires_grad=False)
@@ -149,11 +151,22 @@ class MaskedAutoencoderViT(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)
         return x_kept, mask, ids_restore
 
+    def position_embedding(self, side: int) -> torch.Tensor:
+        """The encoder's position table for a square input of `side` pixels: the table itself at the model's size,
+        otherwise resampled from it (bicubic, as timm does for a new input size), so both sizes share one table."""
+        if side == self.arch.img_size:
+            return self.pos_embed
+        if side % self.arch.patch_size:
+            raise ValueError(f"input side {side} is not a multiple of the patch size {self.arch.patch_size}")
+        grid = side // self.arch.patch_size
+        return resample_abs_pos_embed(self.pos_embed, [grid, grid], num_prefix_tokens=1)
+
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        pos_embed = self.position_embedding(imgs.shape[-1])
+        x = self.patch_embed(imgs) + pos_embed[:, 1:, :]
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:
             x = block(x)

@@ -46,6 +46,10 @@ class UniEmoXPretrainer(nn.Module):
                         decoder_embed_dim=model.decoder_embed_dim, decoder_depth=model.decoder_depth,
                         decoder_num_heads=model.decoder_num_heads)
         self.mae = MaskedAutoencoderViT(arch, norm_pix_loss=model.norm_pix_loss)
+        self.person_img_size = model.person_img_size or arch.img_size
+        if self.person_img_size % arch.patch_size:
+            raise ValueError(f"model.person_img_size={self.person_img_size} is not a multiple of the patch size "
+                             f"({arch.patch_size})")
         if model.mae_checkpoint:
             load_mae_checkpoint(self.mae, model.mae_checkpoint)
         dim = teacher.embed_dim if teacher is not None else teacher_embed_dim(teacher_cfg)
@@ -89,20 +93,32 @@ class UniEmoXPretrainer(nn.Module):
         return self.distill and getattr(self.fusion, "uses_person", True)
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> StepOutput:
-        """batch: image (N,3,H,W, ImageNet-normalised), person (N,3,H,W), and text (token ids) or cached
-        clip_image / clip_text (N,E); optional noise ((2N or N), L) to reproduce the masking."""
+        """batch: image (N,3,H,W, ImageNet-normalised), person (N,3,P,P; P = model.person_img_size), and text
+        (token ids) or cached clip_image / clip_text (N,E); optional noise to reproduce the masking: (2N, L) for
+        both branches at one size, else (N, L) for the scene and person_noise (N, Lp) for the person."""
         image = batch["image"]
         n = image.shape[0]
-        x = torch.cat([image, batch["person"]]) if self.uses_person else image  # both branches: one encoder pass
-        latent, mask, ids_restore = self.mae.forward_encoder(x, self.mask_ratio, batch.get("noise"))
+        if self.uses_person and tuple(batch["person"].shape[-2:]) != (self.person_img_size,) * 2:
+            raise ValueError(f"the person crop is {tuple(batch['person'].shape[-2:])} px; model.person_img_size "
+                             f"is {self.person_img_size}")
+        if self.uses_person and self.person_img_size == self.mae.arch.img_size:
+            x = torch.cat([image, batch["person"]])  # both branches at one size: one encoder pass
+            latent, mask, ids_restore = self.mae.forward_encoder(x, self.mask_ratio, batch.get("noise"))
+            person_cls = latent[n:, 0]
+        else:
+            latent, mask, ids_restore = self.mae.forward_encoder(image, self.mask_ratio, batch.get("noise"))
+            person_cls = None
+            if self.uses_person:  # its own, smaller pass: the person crop has fewer tokens
+                person_cls = self.mae.forward_encoder(batch["person"], self.mask_ratio,
+                                                      batch.get("person_noise"))[0][:, 0]
         outputs: Dict[str, torch.Tensor] = {}
         pred = None
         if self.weights["mae"] > 0:
             pred = self.mae.forward_decoder(latent[:n], ids_restore[:n])
             outputs["reconstruction"] = self.mae.reconstruction_loss(image, pred, mask[:n])
         if self.distill:
-            projected = self.project(latent[:, 0])
-            outputs["student"] = self.fusion(projected[:n], projected[n:] if self.uses_person else None)
+            scene = self.project(latent[:n, 0])
+            outputs["student"] = self.fusion(scene, self.project(person_cls) if self.uses_person else None)
             if self.cached_teacher:
                 outputs["clip_image"], outputs["clip_text"] = batch["clip_image"], batch["clip_text"]
             else:

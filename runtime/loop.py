@@ -98,9 +98,11 @@ class StepResult:
 def optimizer_step(strategy, batches: Iterator[Dict[str, Any]], forward: Forward, guard: StepGuard, step: int,
                    accum_steps: int, precision: str, device: torch.device, input_dtype: Optional[torch.dtype] = None,
                    on_loss: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
-                   on_first_batch: Optional[Callable[[Dict[str, Any]], None]] = None) -> StepResult:
+                   on_first_batch: Optional[Callable[[Dict[str, Any]], None]] = None,
+                   prepare: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> StepResult:
     """Micro-batches through forward/backward (DDP no_sync between boundaries), the guard's verdict before each
-    backward (skip on a non-finite loss anywhere, stop on a signal anywhere), then the optimizer step."""
+    backward (skip on a non-finite loss anywhere, stop on a signal anywhere), then the optimizer step. `prepare`
+    runs on each micro-batch once it is on the device (e.g. uint8 images -> normalised floats)."""
     data_time, corrupt, skipped, stop = 0.0, 0, False, False
     loss, terms, output, batch = None, {}, None, {}
     for micro in range(accum_steps):
@@ -109,6 +111,8 @@ def optimizer_step(strategy, batches: Iterator[Dict[str, Any]], forward: Forward
         data_time += time.perf_counter() - t0
         corrupt += int(batch.pop("corrupt", 0))
         batch = to_device(batch, device, input_dtype)
+        if prepare is not None:
+            batch = prepare(batch)
         if on_first_batch is not None:
             on_first_batch(batch)
         with strategy.accumulate(micro == accum_steps - 1), autocast(precision, device):

@@ -8,7 +8,9 @@ import pytest
 import torch
 import webdataset as wds
 
+from data_tools.images import load_rgb
 from data_tools.reader import SharedEpoch, make_loader
+from data_tools.tar_stream import COUNTER
 
 from conftest import run_torchrun
 from image_data import jpeg_bytes, photo_crop, toy_train_shards
@@ -82,27 +84,38 @@ def all_keys_of_tar(path):
         return {m.name.split(".")[0] for m in tar}
 
 
-def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path):
+def lazy_key_label(sample):
+    return key_label({**sample, "image": load_rgb(sample["image"])})
+
+
+@pytest.mark.parametrize("image_format", ["pil", "lazy"])
+def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path, image_format):
     good = jpeg_bytes(photo_crop(1, 24))
     meta = json.dumps({"label": 0}).encode()
     with wds.TarWriter(str(tmp_path / "00000.tar")) as w:
         w.write({"__key__": "ok1", "jpg": good, "json": meta})
         w.write({"__key__": "nojson", "jpg": good})
         w.write({"__key__": "badjpg", "jpg": b"\xff\xd8 not really a jpeg", "json": meta})
+        # a sound header on a cut body: 'lazy' opens it and the transform's decode fails, still a corrupt sample
+        w.write({"__key__": "cutjpg", "jpg": jpeg_bytes(photo_crop(2, 64))[:300], "json": meta})
         w.write({"__key__": "ok2", "jpg": good, "json": meta})
     with wds.TarWriter(str(tmp_path / "00001.tar")) as w:
         for n in range(4):
             w.write({"__key__": f"t{n}", "jpg": good, "json": meta})
     data = (tmp_path / "00001.tar").read_bytes()
     (tmp_path / "00001.tar").write_bytes(data[: int(len(data) * 0.6)])  # truncated mid-member
-    loader = make_loader(str(tmp_path / "{00000..00001}.tar"), batch_size=1, transform=key_label,
-                         num_workers=0, resampled=False, drop_last=False)
+    loader = make_loader(str(tmp_path / "{00000..00001}.tar"), batch_size=1,
+                         transform=key_label if image_format == "pil" else lazy_key_label, num_workers=0,
+                         resampled=False, drop_last=False, image_format=image_format)
+    before = dict(COUNTER.total)  # num_workers=0: the counter of this process
     batches = list(loader)
     keys = [k for b in batches for k in b["key"]]
     # the cut falls after t2.jpg: t0 and t1 survive, t2 lacks its json, the tar's end is unreadable
     assert sorted(keys) == ["ok1", "ok2", "t0", "t1"]
-    # missing json (nojson, t2) + undecodable jpeg (badjpg) + the broken tar: counted, never fatal
-    assert sum(int(b["corrupt"]) for b in batches) == 4
+    # missing json (nojson, t2) + undecodable jpegs (badjpg, cutjpg) + the broken tar: counted, never fatal
+    assert sum(int(b["corrupt"]) for b in batches) == 5
+    added = {k: v - before.get(k, 0) for k, v in COUNTER.total.items() if v != before.get(k, 0)}
+    assert added.get("corrupt_sample") == 2 and "bad_sample" not in added, added
 
 
 @pytest.mark.parametrize("mode", ["plain", "resampled"])
