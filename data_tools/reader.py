@@ -165,8 +165,9 @@ def decode_samples(image_format: str = "pil"):
 
 def transform_samples(transform: Callable[[Dict[str, Any]], Dict[str, Any]]):
     """The trainer's transform on each decoded sample; a sample it rejects (a record field of the wrong type or out
-    of range, a box it cannot crop) is counted and dropped. MAX_FAILED_SAMPLES rejections in a row are an error:
-    the transform or the kind of shards is wrong, not one sample."""
+    of range, a box it cannot crop) is counted and dropped, one it returns None for is skipped uncounted.
+    MAX_FAILED_SAMPLES rejections in a row are an error: the transform or the kind of shards is wrong, not one
+    sample."""
     def stage(src: Iterable[Dict[str, Any]]):
         failed = 0
         for sample in src:
@@ -184,7 +185,8 @@ def transform_samples(transform: Callable[[Dict[str, Any]], Dict[str, Any]]):
                                        f"are these the right shards for this trainer?") from e
                 continue
             failed = 0
-            yield out
+            if out is not None:  # None: the transform skipped the sample on purpose (e.g. class balancing)
+                yield out
     return stage
 
 

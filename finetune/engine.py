@@ -139,6 +139,13 @@ class Finetuning:
             yield from loader
             epoch, in_epoch = epoch + 1, 0
 
+    def on_start(self, resumed: Dict[str, Any]) -> None:
+        """Called on every rank once resumed (or fresh), before the first step."""
+
+    def checkpoint_extra(self, resumed: Dict[str, Any]) -> Dict[str, Any]:
+        """What else a checkpoint records (`resumed`: the state this run resumed from, empty for a fresh run)."""
+        return {"arch": dataclasses.asdict(self.arch)}
+
     def save_best(self, metrics: Dict[str, Any], step: int) -> None:
         if self.env.is_main:
             atomic_save_safetensors(self.strategy.module.state_dict(), self.run_dir / BEST,
@@ -151,6 +158,7 @@ class Finetuning:
                     encoder_source=self.source, steps_per_epoch=self.steps_per_epoch)
         state = resume_run(cfg.run.resume, self.store, self.strategy, self.env) or {}
         step = int(state.get("step", 0))
+        self.on_start(state)
         best = state.get("best", {"epoch": None, "metric": None, "val": None})
         history = state.get("history", [])
         logger = MetricLogger(self.run_dir / "tb", every=cfg.run.log_every, device=self.device)
@@ -196,8 +204,9 @@ class Finetuning:
                     save_run(self.store, self.strategy, step, cfg, {
                         "epoch": step / self.steps_per_epoch, "samples_seen": step * cfg.data.batch_size *
                         cfg.optim.accum_steps * self.env.world_size, "best": best, "history": history,
-                        "arch": dataclasses.asdict(self.arch), "classes": self.info.classes, "task": self.task,
-                        "scheduler": {"name": "warmup_cosine", "steps_per_epoch": self.steps_per_epoch}})
+                        "classes": self.info.classes, "task": self.task,
+                        "scheduler": {"name": "warmup_cosine", "steps_per_epoch": self.steps_per_epoch},
+                        **self.checkpoint_extra(state)})
                 if cfg.debug.step_sleep_s:
                     time.sleep(cfg.debug.step_sleep_s)
         finally:

@@ -8,6 +8,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from data_tools.folder import shard_folder
+from data_tools.idx import FASHION_MNIST_CLASSES, idx_to_folder
 from data_tools.registry import REGISTRY
 from data_tools.samples import ImageOptions
 
@@ -92,3 +93,18 @@ def cmyk_jpeg() -> bytes:
     buf = io.BytesIO()
     photo_crop(3, 48).convert("CMYK").save(buf, format="JPEG", quality=95)
     return buf.getvalue()
+
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (make test installs it)
+
+
+def fashion_shards(root: Path) -> Path:
+    """600 train / 200 val / 400 test Fashion-MNIST images as shards (train from the training file, val and test
+    disjoint from the test file)."""
+    train = [FMNIST / "train-images-idx3-ubyte.gz", FMNIST / "train-labels-idx1-ubyte.gz"]
+    test = [FMNIST / "t10k-images-idx3-ubyte.gz", FMNIST / "t10k-labels-idx1-ubyte.gz"]
+    for split, files, n, skip in (("train", train, 60, 0), ("val", test, 20, 0), ("test", test, 40, 20)):
+        idx_to_folder(*files, str(root / "src" / split), FASHION_MNIST_CLASSES, per_class=n, skip_per_class=skip)
+    shard_folder("fashion", str(root / "src"), str(root / "shards"), generic=True, shard_size=100, min_shards=4,
+                 options=ImageOptions(detector="none"))
+    return root / "shards"

@@ -4,9 +4,6 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.folder import shard_folder
-from data_tools.idx import FASHION_MNIST_CLASSES, idx_to_folder
-from data_tools.samples import ImageOptions
 from finetune.config import FinetuneConfig
 from finetune.linear_probe import LinearProbe
 from pretrain.cache_teacher import cache_teacher
@@ -16,22 +13,10 @@ from pretrain.teacher import make_teacher
 from runtime.config import load_config
 
 from conftest import REPO
+from image_data import FMNIST, fashion_shards
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed "
                                                             "(make test installs it)")
-
-
-def fashion_shards(root: Path) -> Path:
-    """600 train / 200 val / 400 test Fashion-MNIST images as shards (train from the training file, val and test
-    disjoint from the test file)."""
-    train = [FMNIST / "train-images-idx3-ubyte.gz", FMNIST / "train-labels-idx1-ubyte.gz"]
-    test = [FMNIST / "t10k-images-idx3-ubyte.gz", FMNIST / "t10k-labels-idx1-ubyte.gz"]
-    for split, files, n, skip in (("train", train, 60, 0), ("val", test, 20, 0), ("test", test, 40, 20)):
-        idx_to_folder(*files, str(root / "src" / split), FASHION_MNIST_CLASSES, per_class=n, skip_per_class=skip)
-    shard_folder("fashion", str(root / "src"), str(root / "shards"), generic=True, shard_size=100, min_shards=4,
-                 options=ImageOptions(detector="none"))
-    return root / "shards"
 
 
 def linear_probe(shards: Path, out: Path, *encoder: str) -> float:
