@@ -8,7 +8,7 @@ DEMO_DIR ?= demo_out
 DEMO_SRC ?=
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS     := dataset-fashion-mnist slurmctld slurmd slurm-client munge
-# No hub downloads at run time; Ray stays on loopback (see README, "Offline and loopback").
+# No hub downloads at run time; Ray stays on loopback (see docs/configs-and-runs.md, "Offline and loopback").
 export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PYTHONDONTWRITEBYTECODE := 1
