@@ -13,6 +13,7 @@ from data_tools.reader import SharedEpoch
 from pretrain.config import PretrainConfig
 from pretrain.cache_teacher import check_teacher_cache
 from pretrain.data import PretrainTransform, build_loader, check_shards, count_samples, normalize_views
+from pretrain.losses import loss_weights, needs_teacher
 from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import make_teacher
 from pretrain.visualize import reconstruction_grid
@@ -56,7 +57,8 @@ class Pretraining:
         world, batch = self.env.world_size, cfg.data.batch_size
         self.samples_per_step = batch * cfg.optim.accum_steps * world
         check_shards(cfg.data.train)  # missing or empty shards: an error naming them, before anything is built
-        if cfg.teacher.cached and cfg.data.teacher_cache and (cfg.loss.paired > 0 or cfg.loss.relational > 0):
+        distill = needs_teacher(loss_weights(cfg.loss))
+        if cfg.teacher.cached and cfg.data.teacher_cache and distill:
             check_teacher_cache(cfg.data.teacher_cache, cfg.teacher)
         samples = cfg.data.samples_per_epoch or count_samples(cfg.data.train, cfg.data.url_timeout_s)
         self.steps_per_epoch = max(1, samples // self.samples_per_step)
@@ -64,7 +66,6 @@ class Pretraining:
         cfg.optim.lr = scaled_lr(cfg.optim, batch, world)
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        distill = cfg.loss.paired > 0 or cfg.loss.relational > 0
         teacher = make_teacher(cfg.teacher) if distill and not cfg.teacher.cached else None  # live mode only
         self.teacher = teacher
         self.model = UniEmoXPretrainer(cfg.model, cfg.loss, cfg.teacher, teacher)

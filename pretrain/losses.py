@@ -1,4 +1,5 @@
 """Loss terms as a registry of named functions (docs/method.md §1), weighted from config and computed in fp32."""
+from dataclasses import dataclass
 from typing import Callable, Dict
 
 import torch
@@ -19,12 +20,36 @@ def relational_similarity(z: torch.Tensor, v: torch.Tensor, t: torch.Tensor, sca
     return 1.0 - F.cosine_similarity(a, c, dim=-1).mean()
 
 
-# name -> function of the step's outputs dict; each term reads only what it needs
-LOSS_TERMS: Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]] = {
-    "mae": lambda out: out["reconstruction"],
-    "paired": lambda out: paired_similarity(out["student"], out["clip_image"]),
-    "relational": lambda out: relational_similarity(out["student"], out["clip_image"], out["clip_text"]),
+@dataclass(frozen=True)
+class LossTerm:
+    fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor]  # of the step's outputs dict; reads only what it needs
+    needs_teacher: bool                                     # its inputs include the teacher's embeddings
+
+
+# The single source of truth for the terms: a new term is an entry here plus its weight field (same name) in
+# pretrain.config.LossConfig; the model, the trainer and the teacher cache check ask this registry.
+LOSS_TERMS: Dict[str, LossTerm] = {
+    "mae": LossTerm(lambda out: out["reconstruction"], needs_teacher=False),
+    "paired": LossTerm(lambda out: paired_similarity(out["student"], out["clip_image"]), needs_teacher=True),
+    "relational": LossTerm(lambda out: relational_similarity(out["student"], out["clip_image"], out["clip_text"]),
+                           needs_teacher=True),
 }
+
+
+def loss_weights(loss_cfg) -> Dict[str, float]:
+    """The weight of every registered term, from the config's field of the same name (a term without one is an
+    error: the registry and the config must agree)."""
+    missing = [name for name in LOSS_TERMS if not hasattr(loss_cfg, name)]
+    if missing:
+        raise ValueError(f"loss terms {missing} have no weight in {type(loss_cfg).__name__}")
+    weights = {name: float(getattr(loss_cfg, name)) for name in LOSS_TERMS}
+    check_weights(weights)
+    return weights
+
+
+def needs_teacher(weights: Dict[str, float]) -> bool:
+    """Whether any enabled term reads the teacher's embeddings."""
+    return any(weight > 0 and LOSS_TERMS[name].needs_teacher for name, weight in weights.items())
 
 
 def check_weights(weights: Dict[str, float]) -> None:
@@ -42,6 +67,6 @@ def combine(outputs: Dict[str, torch.Tensor], weights: Dict[str, float]):
     with torch.autocast(device_type=device_type, enabled=False):
         for name, weight in weights.items():
             if weight > 0:
-                terms[name] = LOSS_TERMS[name](outputs)
+                terms[name] = LOSS_TERMS[name].fn(outputs)
         total = sum(weights[name] * value for name, value in terms.items())
     return total, terms

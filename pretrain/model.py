@@ -8,7 +8,7 @@ from torch import nn
 
 from pretrain.config import LossConfig, ModelConfig, TeacherConfig
 from pretrain.fusion import make_fusion
-from pretrain.losses import check_weights, combine
+from pretrain.losses import combine, loss_weights, needs_teacher
 from pretrain.mae import DECODER_PREFIXES, MaskedAutoencoderViT, get_arch, load_mae_checkpoint
 from pretrain.teacher import teacher_embed_dim
 
@@ -34,11 +34,10 @@ class UniEmoXPretrainer(nn.Module):
     def __init__(self, model: ModelConfig, losses: LossConfig, teacher_cfg: TeacherConfig,
                  teacher: Optional[nn.Module] = None):
         super().__init__()
-        self.weights = {"mae": losses.mae, "paired": losses.paired, "relational": losses.relational}
-        check_weights(self.weights)
+        self.weights = loss_weights(losses)
         self.mask_ratio = model.mask_ratio
         self.cached_teacher = teacher_cfg.cached
-        self.distill = losses.paired > 0 or losses.relational > 0
+        self.distill = needs_teacher(self.weights)
         if self.distill and not self.cached_teacher and teacher is None:
             raise ValueError("distillation terms are on and teacher.cached is false: a teacher is needed")
         arch = get_arch(model.preset, img_size=model.img_size, patch_size=model.patch_size,

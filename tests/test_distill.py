@@ -204,3 +204,31 @@ def test_cache_teacher_command(teacher, tmp_path):
                         f"data.teacher_cache={tmp_path / 'cache'}", f"teacher.checkpoint={tmp_path / 'other.pt'}",
                         f"teacher.arch={TINY_CLIP}", "data.num_workers=0", "data.batch_size=4"])
     assert rc == 3 and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_loss_term_is_declared_once_in_the_registry(teacher, monkeypatch):
+    """A new term is its registry entry plus a config weight of the same name: the model computes and weighs it, and
+    whether it needs the teacher comes from its declaration, not from a list of names elsewhere."""
+    from dataclasses import dataclass
+
+    from pretrain.losses import LOSS_TERMS, LossTerm, loss_weights, needs_teacher
+
+    @dataclass
+    class WithNorm(LossConfig):
+        student_norm: float = 0.0
+
+    monkeypatch.setitem(LOSS_TERMS, "student_norm", LossTerm(lambda out: out["reconstruction"] * 0 + 0.5,
+                                                             needs_teacher=False))
+    only_new = WithNorm(mae=0.0, paired=0.0, relational=0.0, student_norm=2.0)
+    assert loss_weights(only_new)["student_norm"] == 2.0 and not needs_teacher(loss_weights(only_new))
+    with pytest.raises(ValueError, match=r"loss terms \['student_norm'\] have no weight in LossConfig"):
+        loss_weights(LossConfig())
+    mixed = WithNorm(mae=1.0, paired=0.0, relational=0.0, student_norm=2.0)
+    model = UniEmoXPretrainer(ModelConfig(preset="tiny"), mixed, TeacherConfig(checkpoint="random", arch=TINY_CLIP,
+                                                                               cached=True))
+    assert not model.distill  # no term that reads the teacher is on: no teacher, no person branch
+    out = model(batch_for(teacher, person=False))
+    assert set(out.terms) == {"mae", "student_norm"} and out.terms["student_norm"].item() == 0.5
+    assert out.loss.item() == pytest.approx(out.terms["mae"].item() + 2.0 * 0.5, rel=1e-6)
+    assert needs_teacher({"mae": 1.0, "paired": 0.5, "relational": 0.0})
+    assert not needs_teacher({"mae": 1.0, "paired": 0.0, "relational": 0.0})
