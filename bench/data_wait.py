@@ -2,8 +2,9 @@
 
     python bench/data_wait.py [--presets tiny vit_b16] [--workers 2] [--threads 0 1] [--out bench/results/data_wait.json]
 
-Each preset runs `pretrain/main.py` (1 process, live random-weight teacher, shards of 512 real photo crops of
-256-400 px, no stored person boxes so the person view is the whole image) for a fixed number of steps, then reads
+Each preset runs `pretrain/main.py` (1 process, live random-weight teacher, shards of 512 web-size photos of
+400-640 x 300-427 px written at data_tools' default max side, no stored person boxes so the person view is the
+whole image, at the preset config's person size) for a fixed number of steps, then reads
 back what the trainer logged to TensorBoard: `perf/data_wait_share` (time the training loop waited for its next
 batch / wall time) and `perf/img_per_s`. The first logging window (worker start-up, shuffle buffer filling) is
 reported apart from the steady-state windows after it. Each preset runs with torch's default intra-op threads and
@@ -21,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.photos import make_images  # noqa: E402
+from bench.photos import make_web_photos  # noqa: E402
 from data_tools.folder import shard_folder  # noqa: E402
 from data_tools.samples import ImageOptions  # noqa: E402
 from runtime.atomic import atomic_write_json  # noqa: E402
@@ -68,9 +69,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder, shards = Path(tmp) / "folder", Path(tmp) / "shards"
-        make_images(folder, args.images)
+        make_web_photos(folder, args.images)
         shard_folder("bench", str(folder), str(shards), generic=True, ratios=(1.0, 0.0, 0.0), shard_size=64,
-                     min_shards=8, options=ImageOptions(max_side=0, detector="none", quality=90))
+                     min_shards=8, options=ImageOptions(detector="none", quality=90))  # default max side
         for preset in args.presets:
             for threads in args.threads:
                 row = run_pretraining(preset, shards, Path(tmp) / f"run_{preset}_{threads}", args.workers, threads)

@@ -28,6 +28,7 @@ from sklearn.datasets import load_sample_images
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
+from torchvision import transforms
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -36,7 +37,8 @@ from data_tools.detect import detect_person, make_detector  # noqa: E402
 from pretrain.config import LossConfig, ModelConfig, TeacherConfig  # noqa: E402
 from pretrain.mae import MaskedAutoencoderViT, get_arch  # noqa: E402
 from pretrain.model import UniEmoXPretrainer  # noqa: E402
-from pretrain.data import crop_box, train_view  # noqa: E402
+from data_tools.crops import person_region  # noqa: E402
+from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pretrain.teacher import CLIPTeacher  # noqa: E402
 from runtime.atomic import atomic_write_json  # noqa: E402
 from runtime.config import OptimConfig  # noqa: E402
@@ -129,15 +131,21 @@ def person_side(arch, fraction: float) -> int:
 
 
 def inline_person_crops(batch: int, size: int):
-    """What a step that detects people inline does before its model step: detect, crop at the box, resize."""
+    """What a step that detects people inline does before its model step: detect, crop at the box, resize
+    (RandomResizedCrop bicubic + flip, ImageNet mean/std, as torchvision composes it)."""
     photos = [Image.fromarray(p) for p in load_sample_images().images]
-    detector, view = make_detector("hog+face"), train_view(size, (0.2, 1.0))
+    detector = make_detector("hog+face")
+    view = transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def crops():
         views = []
         for i in range(batch):
-            box, _, _ = detect_person(detector, photos[i % len(photos)])
-            views.append(view(crop_box(photos[i % len(photos)], box)))
+            photo = photos[i % len(photos)]
+            box, _, _ = detect_person(detector, photo)
+            region = person_region(photo.size, box)
+            views.append(view(photo if region is None else photo.crop(region)))
         return {"person": torch.stack(views)}
     return crops
 

@@ -7,6 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 from data_tools.images import DEFAULT_MAX_PIXELS
+from data_tools.registry import REGISTRY
 from data_tools.samples import ImageOptions
 
 
@@ -32,8 +33,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("shard-folder", help="a benchmark (UBE, FI, Emo8, CAER-S, HECO, Emotion6) or class-folder tree")
-    p.add_argument("name", help="registry name, or any name with --generic")
+    p = sub.add_parser("shard-folder", help=f"a benchmark ({', '.join(REGISTRY)}) or class-folder tree")
+    p.add_argument("name", help=f"registry name ({', '.join(REGISTRY)}), or any name with --generic")
     p.add_argument("src", help="dataset root: class folders, train/val/test folders, or splits/*.txt")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (written to splits/*.txt)")
     p.add_argument("--split-files", help="directory with train.txt/val.txt/test.txt ('path [label]' lines)")

@@ -3,29 +3,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
-from torchvision import transforms
 
 from data_tools.crops import DraftResizedCrops, person_region
 from data_tools.reader import SharedEpoch, expand_urls, make_loader
 from data_tools.remote import URL_TIMEOUT_S, is_remote, read_sizes, shard_name
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
-
-
-def crop_box(image: Image.Image, box: Optional[Sequence[float]]) -> Image.Image:
-    """The person crop: the stored box (fractions of width/height) of this very image, or the whole image."""
-    region = person_region(image.size, box)
-    return image if region is None else image.crop(region)
-
-
-def train_view(img_size: int, scale: Tuple[float, float]) -> transforms.Compose:
-    """RandomResizedCrop (bicubic) + horizontal flip, ImageNet mean/std — MAE's pretraining augmentation."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=tuple(scale), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
 
 
 class PretrainTransform:
