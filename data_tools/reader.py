@@ -257,6 +257,31 @@ class ShardLoader(DataLoader):
                         feeder.join(timeout=LOADER_JOIN_TIMEOUT_S)
 
 
+def epoch_stream(loader_for: Callable[[int, int], Iterable[Dict[str, Any]]], steps_per_epoch: int, accum: int,
+                 start_step: int, epoch: SharedEpoch, no_batch: Callable[[Any], str]) -> Iterator[Dict[str, Any]]:
+    """A trainer's micro-batches from step `start_step` on, epoch after epoch, endlessly. Before each epoch the shared
+    epoch number is set; `loader_for(needed, segment)` builds a loader for the micro-batches the epoch still owes
+    (segment: where in the epoch it starts, so a resumed epoch reads a fresh seeded stream). A loader that runs
+    short (plain shards) is followed by another seeded pass, so every rank yields the same number; one that yields
+    nothing is an error (`no_batch(loader)` says what was read) rather than an endless loop."""
+    current, in_epoch = divmod(start_step, steps_per_epoch)
+    while True:
+        epoch.set(current)
+        needed, segment = (steps_per_epoch - in_epoch) * accum, in_epoch
+        while needed > 0:
+            loader, got = loader_for(needed, segment), 0
+            for batch in loader:
+                got += 1
+                yield batch
+                needed -= 1
+                if needed == 0:
+                    break
+            if got == 0:
+                raise RuntimeError(no_batch(loader))
+            segment += 1_000_003  # this rank's plain shards ran out: another pass, so ranks stay in step
+        current, in_epoch = current + 1, 0
+
+
 def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, batch_size: int,
                 transform: Callable[[Dict[str, Any]], Dict[str, Any]], num_workers: int = 2, seed: int = 0,
                 epoch: Optional[SharedEpoch] = None, rank: int = 0, world_size: int = 1, resampled: bool = True,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from timm.data import Mixup
 from timm.optim import param_groups_layer_decay
 
-from data_tools.reader import SharedEpoch
+from data_tools.reader import SharedEpoch, epoch_stream
 from finetune.config import FinetuneConfig
 from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset, train_loader
 from finetune.encoder import create_encoder
@@ -130,14 +130,12 @@ class Finetuning:
         return compute_metrics(self.task, outputs, targets, self.info.classes)
 
     def stream(self, start_step: int):
-        epoch, in_epoch = divmod(start_step, self.steps_per_epoch)
-        while True:
-            self.epoch.set(epoch)
-            loader = train_loader(self.info, self.train_transform, self.cfg.data,
-                                  batches=(self.steps_per_epoch - in_epoch) * self.cfg.optim.accum_steps,
-                                  seed=self.cfg.run.seed, epoch=self.epoch, segment=in_epoch)
-            yield from loader
-            epoch, in_epoch = epoch + 1, 0
+        def loader_for(needed: int, segment: int):
+            return train_loader(self.info, self.train_transform, self.cfg.data, batches=needed,
+                                seed=self.cfg.run.seed, epoch=self.epoch, segment=segment)
+        return epoch_stream(loader_for, self.steps_per_epoch, self.cfg.optim.accum_steps, start_step, self.epoch,
+                            lambda loader: f"the training shards of {self.info.name} in {self.info.root} gave no "
+                                           f"batch of {self.cfg.data.batch_size} in a whole pass")
 
     def on_start(self, resumed: Dict[str, Any]) -> None:
         """Called on every rank once resumed (or fresh), before the first step."""

@@ -9,7 +9,7 @@ from typing import Any, Dict
 import torch
 from timm.optim import param_groups_weight_decay
 
-from data_tools.reader import SharedEpoch
+from data_tools.reader import SharedEpoch, epoch_stream
 from pretrain.config import PretrainConfig
 from pretrain.cache_teacher import check_teacher_cache
 from pretrain.data import PretrainTransform, build_loader, check_shards, count_samples, normalize_views
@@ -105,30 +105,16 @@ class Pretraining:
 
     def batches(self, start_step: int):
         """Micro-batches from start_step on, epoch by epoch; each rank gets the same number."""
-        accum = self.cfg.optim.accum_steps
-        epoch, in_epoch = divmod(start_step, self.steps_per_epoch)
-        while True:
-            self.epoch.set(epoch)
-            needed = (self.steps_per_epoch - in_epoch) * accum
-            segment = in_epoch
-            while needed > 0:
-                loader = build_loader(self.cfg.data, self.transform, batches=needed, seed=self.cfg.run.seed,
-                                      epoch=self.epoch, rank=self.env.rank, world_size=self.env.world_size,
-                                      segment=segment)
-                got = 0
-                for batch in loader:
-                    got += 1
-                    yield batch
-                    needed -= 1
-                    if needed == 0:
-                        break
-                if got == 0:  # another pass would read the same nothing: an error, not an endless loop
-                    raise RuntimeError(
-                        f"rank {self.env.rank}: a whole pass over its {loader.num_shards} shards of "
-                        f"{self.cfg.data.train} gave no batch of {self.cfg.data.batch_size} (unreadable shards "
-                        f"or too few samples; the warnings above name each shard that failed)")
-                segment += 1_000_003  # plain shards ran out on this rank: another pass, so ranks stay in step
-            epoch, in_epoch = epoch + 1, 0
+        def loader_for(needed: int, segment: int):
+            return build_loader(self.cfg.data, self.transform, batches=needed, seed=self.cfg.run.seed,
+                                epoch=self.epoch, rank=self.env.rank, world_size=self.env.world_size, segment=segment)
+
+        def no_batch(loader) -> str:
+            return (f"rank {self.env.rank}: a whole pass over its {loader.num_shards} shards of {self.cfg.data.train} "
+                    f"gave no batch of {self.cfg.data.batch_size} (unreadable shards or too few samples; the "
+                    f"warnings above name each shard that failed)")
+        return epoch_stream(loader_for, self.steps_per_epoch, self.cfg.optim.accum_steps, start_step, self.epoch,
+                            no_batch)
 
     def count_step_flops(self, batch: Dict[str, Any]) -> int:
         model = self.strategy.module

@@ -151,3 +151,23 @@ def test_a_finished_loader_leaves_no_thread_behind(shards):
     assert feeders()  # the workers' index queues are fed while it runs ...
     stream.close()    # ... and a consumer that stops early ends them too
     assert not feeders()
+
+
+def test_the_epoch_stream_owes_each_epoch_its_batches_and_refuses_an_empty_pass():
+    from data_tools.reader import epoch_stream
+    calls, epochs = [], SharedEpoch()
+
+    def loader_for(needed, segment):  # a loader of plain shards that holds only 5 batches per pass
+        calls.append((epochs.get(), needed, segment))
+        return iter([{"epoch": epochs.get(), "segment": segment}] * 5)
+    stream = epoch_stream(loader_for, steps_per_epoch=4, accum=2, start_step=6, epoch=epochs,
+                          no_batch=lambda loader: "nothing read")
+    batches = [next(stream) for _ in range(18)]
+    stream.close()
+    # resumed at step 6 of 4-step epochs: epoch 1 owes 2 steps x 2 micro-batches; epochs 2 and 3 owe 8 each, which
+    # 5-batch passes deliver in two, the second pass on its own seeded segment
+    assert calls == [(1, 4, 2), (2, 8, 0), (2, 3, 1_000_003), (3, 8, 0), (3, 3, 1_000_003)]
+    assert [b["epoch"] for b in batches] == [1] * 4 + [2] * 8 + [3] * 6
+    empty = epoch_stream(lambda needed, segment: iter([]), 4, 1, 0, SharedEpoch(), lambda loader: "nothing read")
+    with pytest.raises(RuntimeError, match="nothing read"):
+        next(empty)
