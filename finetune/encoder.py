@@ -35,8 +35,9 @@ def _arch_from_config(model_cfg: Dict) -> MAEArch:
 
 
 def arch_from_metadata(meta: Dict[str, str], path: Path) -> MAEArch:
-    """The architecture a safetensors file of ours declares (`arch` as JSON, or `arch.*` keys); a clear error when
-    the declaration cannot be read."""
+    """The architecture a safetensors file of ours declares (`arch` as JSON, pretrain.mae.arch_metadata; files
+    written by earlier versions carry `arch.*` keys, still read); a clear error when the declaration cannot be
+    read."""
     types = {f.name: f.type for f in dataclasses.fields(MAEArch)}
     try:
         if "arch" in meta:

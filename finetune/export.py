@@ -8,7 +8,6 @@ epoch with its class names, task and evaluation transform. Either loads with tim
                       pretrained_cfg_overlay=dict(file=FILE, num_classes=int(meta["num_classes"])), **args)
 """
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -18,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.encoder import read_encoder_source, to_timm_keys
-from pretrain.mae import MAEArch
+from pretrain.mae import MAEArch, arch_metadata
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
 from runtime.atomic import atomic_save_safetensors
 from runtime.checkpoint import CheckpointError
@@ -40,7 +39,7 @@ def export_encoder(source: str, out: str, preset: str = "vit_b16") -> Path:
         raise CheckpointError(f"{source} is a fine-tuning run: export it as a classifier (finetune.export picks that "
                               f"for run directories with best.safetensors)")
     meta = {"format": "uniemox-encoder", "source": str(source), "num_classes": "0",
-            "arch": json.dumps(dataclasses.asdict(arch)), "timm_model_args": json.dumps(timm_model_args(arch))}
+            **arch_metadata(arch), "timm_model_args": json.dumps(timm_model_args(arch))}
     tensors = to_timm_keys(state)
     # the pooled-feature LayerNorm a fine-tuning model starts with (1, 0), so timm loads the file strictly
     tensors["fc_norm.weight"], tensors["fc_norm.bias"] = torch.ones(arch.embed_dim), torch.zeros(arch.embed_dim)
@@ -61,7 +60,7 @@ def classifier_bundle(run_dir: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
     img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * arch.patch_size
     meta = {"format": "uniemox-classifier", "source": str(run), "num_classes": str(len(metrics["classes"])),
             "classes": json.dumps(metrics["classes"]), "task": metrics["task"], "dataset": metrics["dataset"],
-            "arch": json.dumps(dataclasses.asdict(arch)),
+            **arch_metadata(arch),
             "timm_model_args": json.dumps(timm_model_args(arch, img_size)),
             "transform": json.dumps({"input_size": img_size, "crop_pct": cfg["aug"]["crop_pct"],
                                      "interpolation": "bicubic", "mean": list(IMAGENET_MEAN),

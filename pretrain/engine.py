@@ -14,6 +14,7 @@ from pretrain.config import PretrainConfig
 from pretrain.cache_teacher import check_teacher_cache
 from pretrain.data import PretrainTransform, build_loader, check_shards, count_samples, normalize_views
 from pretrain.losses import loss_weights, needs_teacher
+from pretrain.mae import arch_metadata
 from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import make_teacher
 from pretrain.visualize import reconstruction_grid
@@ -39,8 +40,7 @@ EXIT_STOPPED = 0  # a run stopped by SIGTERM/SIGUSR1 after its checkpoint: the l
 def export_weights(model: UniEmoXPretrainer, path: Path, step: int) -> None:
     """The student's weights as safetensors, with its architecture in the metadata (for fine-tuning)."""
     arch = model.mae.arch
-    metadata = {"format": "uniemox-pretrain", "step": str(step),
-                **{f"arch.{k}": str(v) for k, v in vars(arch).items()}}
+    metadata = {"format": "uniemox-pretrain", "step": str(step), **arch_metadata(arch)}
     atomic_save_safetensors(model.state_dict(), path, metadata)
 
 

@@ -1,6 +1,7 @@
 """Masked autoencoder ViT (He et al. 2022) on timm blocks, with the official release's parameter names."""
 import logging
-from dataclasses import dataclass, replace
+import json
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -38,6 +39,11 @@ PRESETS: Dict[str, MAEArch] = {
     "vit_l16": MAEArch(embed_dim=1024, depth=24, num_heads=16),
     "vit_h14": MAEArch(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
 }
+
+
+def arch_metadata(arch: MAEArch) -> Dict[str, str]:
+    """How every safetensors file the project writes declares its architecture: one JSON field `arch`."""
+    return {"arch": json.dumps(asdict(arch))}
 
 
 def get_arch(preset: str, **overrides) -> MAEArch:

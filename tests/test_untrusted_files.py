@@ -1,6 +1,7 @@
 """Untrusted files: a .pth that pickles a callable is refused by every loader (MAE checkpoint, resume, DeepSpeed
 shards, fine-tuning --checkpoint, detector) before anything runs; a safetensors export whose metadata lies about its
 architecture is a clear error."""
+import dataclasses
 import json
 import os
 
@@ -93,21 +94,30 @@ def write_export(tmp_path, arch_meta):
     lying = tmp_path / "lying.safetensors"
     from safetensors import safe_open
     with safe_open(str(good), "pt") as f:
-        meta = {**f.metadata(), **arch_meta}
+        meta = {k: v for k, v in {**f.metadata(), **arch_meta}.items() if v is not None}  # None: drop the key
     save_file(load_file(str(good)), str(lying), metadata=meta)
     return good, lying
 
 
 def test_safetensors_whose_metadata_lies_about_the_architecture(tmp_path):
-    good, lying = write_export(tmp_path, {"arch.depth": "7", "arch.embed_dim": "96"})
+    tiny = dataclasses.asdict(get_arch("tiny"))
+    good, lying = write_export(tmp_path, {"arch": json.dumps({**tiny, "depth": 7, "embed_dim": 96})})
     _, arch, kind = read_encoder_source(str(good), "vit_b16")
     assert kind == "pretrain-safetensors" and arch == get_arch("tiny")
     with pytest.raises(CheckpointError, match=r"lying.safetensors: its metadata does not match its tensors: "
                                               r"embed_dim declared 96, tensors say 64.*depth declared 7"):
         read_encoder_source(str(lying), "vit_b16")
-    _, garbled = write_export(tmp_path / "g", {"arch.depth": "deep"})
-    with pytest.raises(CheckpointError, match="its metadata does not describe an architecture"):
-        read_encoder_source(str(garbled), "vit_b16")
+    for n, garbled_arch in enumerate(("{not json", json.dumps({**tiny, "colour": 3}))):
+        _, garbled = write_export(tmp_path / f"g{n}", {"arch": garbled_arch})
+        with pytest.raises(CheckpointError, match="its metadata does not describe an architecture"):
+            read_encoder_source(str(garbled), "vit_b16")
+    # files written before the architecture became one JSON field carry arch.* keys: still read, still checked
+    _, legacy = write_export(tmp_path / "old", {"arch": None, **{f"arch.{k}": str(v) for k, v in tiny.items()}})
+    assert read_encoder_source(str(legacy), "vit_b16")[1] == get_arch("tiny")
+    _, legacy_lying = write_export(tmp_path / "old2", {"arch": None, **{f"arch.{k}": str(v) for k, v in tiny.items()},
+                                                       "arch.depth": "7"})
+    with pytest.raises(CheckpointError, match="depth declared 7"):
+        read_encoder_source(str(legacy_lying), "vit_b16")
 
 
 def test_classifier_export_with_a_lying_arch(tmp_path):
