@@ -1,4 +1,5 @@
-"""The fine-tuning job's config: encoder, data, augmentation, training mode (plus run and optim from runtime)."""
+"""The fine-tuning job's config (encoder, data, augmentation, training mode, plus run and optim from runtime), and
+the teacher-adaptation job's."""
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Tuple
 
@@ -56,4 +57,34 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(blr=1e-3, weight_decay=0.05, betas=(0.9, 0.999),
                                                                    warmup_epochs=5, min_lr=1e-6))
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+@dataclass
+class AdaptTeacherConfig:
+    arch: str = "ViT-B-16"              # open_clip model name or model-config .json
+    checkpoint: str = "random"          # the teacher's local weights file ("random": plumbing tests only)
+
+
+@dataclass
+class AdaptTrainConfig:
+    epochs: int = 10
+    templates: str = "emotion"          # finetune.zeroshot template set (emotion, object) or a file, one per line
+    freeze_text: bool = True            # keep the text tower as it is (open_clip's lock_text_tower)
+    vision_unlocked_groups: Optional[int] = None  # train only the last k groups of the image tower (None: all)
+    balanced: bool = True               # class-balanced draws (each class equally often per epoch)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    max_nonfinite: int = 3
+
+
+@dataclass
+class AdaptConfig:
+    run: RunConfig
+    data: FinetuneDataConfig
+    teacher: AdaptTeacherConfig = field(default_factory=AdaptTeacherConfig)
+    aug: AugmentConfig = field(default_factory=lambda: AugmentConfig(
+        auto_augment=None, crop_scale=(0.5, 1.0), re_prob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, crop_pct=1.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(blr=1e-5, weight_decay=0.1, betas=(0.9, 0.98),
+                                                                   warmup_epochs=1, min_lr=0.0))
+    train: AdaptTrainConfig = field(default_factory=AdaptTrainConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

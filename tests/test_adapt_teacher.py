@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_tools.tars import read_tar
-from finetune.adapt_teacher import TEACHER_FILE, BalancedClasses
+from finetune.teacher_adaptation import TEACHER_FILE, BalancedClasses, PromptedTransform
 from finetune.zeroshot import TEMPLATE_SETS, evaluate
 from pretrain.cache_teacher import main as cache_main
 from pretrain.teacher import CLIPTeacher
@@ -67,6 +67,14 @@ def test_the_file_is_a_teacher_for_zero_shot_and_the_teacher_cache(adapted, shar
     assert not error and cached
     embeddings = np.stack([np.load(io.BytesIO(v["clip_image.npy"])) for v in cached.values()])
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4) and embeddings.std(0).mean() > 1e-3
+    # and as the live teacher of a pretraining run
+    pretrain_out = tmp_path / "pretrain"
+    run_torchrun(1, "pretrain/main.py", "--config", "configs/pretrain/tiny.yaml",
+                 f"data.train=[{shards}/train/{{00000..00005}}.tar]", f"run.output_dir={pretrain_out}",
+                 f"teacher.arch={TINY_CLIP}", f"teacher.checkpoint={file}", "data.batch_size=16", "train.epochs=1",
+                 "data.num_workers=1", "train.image_every=0")
+    stored = load_checkpoint(pretrain_out)["config"]["teacher"]
+    assert stored["checkpoint"] == file and json.loads((pretrain_out / "result.json").read_text())["final_step"] > 0
 
 
 def test_a_killed_run_resumes_and_finishes(shards, tmp_path):
@@ -106,3 +114,15 @@ def test_balanced_draws_equalise_the_classes():
     kept = [sum(balance(c) for _ in range(n)) for c, n in ((0, 3000), (1, 1000), (2, 500))]
     assert kept[2] == 500 and abs(kept[0] - 500) < 60 and abs(kept[1] - 500) < 60
     assert balance.keep[3] == 0.0
+
+
+def test_a_multi_label_record_pairs_the_image_with_one_of_its_labels():
+    transform = PromptedTransform(lambda image: image, num_classes=4, balance=None)
+    sample = {"image": "img", "__key__": "k", "meta": {"label": 0, "labels": [0, 1, 0, 1]}}
+    drawn = {transform(sample)["label"] for _ in range(50)}
+    assert drawn == {1, 3}
+    assert transform({**sample, "meta": {"label": 2}})["label"] == 2
+    with pytest.raises(ValueError, match="label 7 is not a class index"):
+        transform({**sample, "meta": {"label": 7}})
+    skip_all = PromptedTransform(lambda image: image, 4, BalancedClasses([0, 0, 10, 5]))
+    assert skip_all({**sample, "meta": {"label": 0}}) is None  # a class with no training samples is never drawn
