@@ -270,12 +270,20 @@ def epoch_stream(loader_for: Callable[[int, int], Iterable[Dict[str, Any]]], ste
         needed, segment = (steps_per_epoch - in_epoch) * accum, in_epoch
         while needed > 0:
             loader, got = loader_for(needed, segment), 0
-            for batch in loader:
-                got += 1
-                yield batch
-                needed -= 1
-                if needed == 0:
-                    break
+            batches = iter(loader)
+            try:
+                for batch in batches:
+                    got += 1
+                    yield batch
+                    needed -= 1
+                    if needed == 0:
+                        break
+            finally:
+                # shut this loader's workers down now, not whenever the garbage collector gets to it: a later
+                # loader forking its workers while these feeder threads exit can deadlock inside CPython's fork
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
             if got == 0:
                 raise RuntimeError(no_batch(loader))
             segment += 1_000_003  # this rank's plain shards ran out: another pass, so ranks stay in step

@@ -2,6 +2,7 @@
 import ctypes
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -32,9 +33,27 @@ def _flush_logs() -> None:
             pass
 
 
-def _watch(parent: int, what: str) -> None:
+def _wait_for_exit(parent: int) -> None:
+    """Block until `parent` has exited: in one poll() on a pidfd (Linux >= 5.3), else by polling getppid()."""
+    try:
+        fd = os.pidfd_open(parent)
+    except (AttributeError, OSError):  # no pidfd here, or the parent is already gone
+        fd = None
+    if fd is not None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll():  # readable once the process has exited
+            pass
+        os.close(fd)
+        return
     while os.getppid() == parent:
         time.sleep(POLL_S)
+
+
+def _watch(parent: int, what: str) -> None:
+    # the thread sleeps in one system call, never waking: a thread that keeps waking up to run Python code while
+    # the trainer forks its loader workers was followed by workers that deadlocked inside CPython's fork
+    _wait_for_exit(parent)
     log.error("%s (pid %d) is gone: exiting now, without a checkpoint (the last complete one stays the resume "
               "point)", what, parent)
     _flush_logs()
