@@ -20,44 +20,30 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data_tools.registry import UnknownDatasetError  # noqa: E402
 from finetune.config import AdaptConfig  # noqa: E402
+from runtime.checkpoint import CheckpointError  # noqa: E402
+from runtime.guard import NonFiniteLossError  # noqa: E402
+from runtime.loop import run_job  # noqa: E402
 
 log = logging.getLogger("finetune.adapt_teacher")
 
 
+def adapt(cfg: AdaptConfig) -> int:
+    from finetune.teacher_adaptation import TeacherAdaptation
+    TeacherAdaptation(cfg).run()
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from runtime import distributed
-    from runtime.config import ConfigError, parse_cli
-    from runtime.launcher_watch import exit_with_launcher
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", help="shortcut for data.dataset=NAME")
     parser.add_argument("--data", help="shortcut for data.root=DIR")
     args, rest = parser.parse_known_args(argv)
     shortcuts = ([f"data.dataset={args.dataset}"] if args.dataset else []) + \
         ([f"data.root={args.data}"] if args.data else [])
-    try:
-        cfg, _ = parse_cli(AdaptConfig, rest + shortcuts, description=__doc__)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    env = distributed.resolve_env()
-    distributed.setup_logging(env.rank)
-    exit_with_launcher(env.launcher)
-    from data_tools.registry import UnknownDatasetError
-    from pretrain.teacher import TeacherError
-    from runtime.checkpoint import CheckpointError
-    from runtime.guard import NonFiniteLossError
-    try:
-        from finetune.teacher_adaptation import TeacherAdaptation
-        TeacherAdaptation(cfg).run()
-        distributed.shutdown(wait_for_peers=True)
-    except (UnknownDatasetError, TeacherError, CheckpointError, NonFiniteLossError, FileNotFoundError,
-            ValueError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        return 3
-    finally:
-        distributed.shutdown()
-    return 0
+    return run_job(AdaptConfig, rest + shortcuts, __doc__, log, adapt,
+                   expected=(UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,23 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a file (torchrun finetune/main.py): make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data_tools.registry import UnknownDatasetError  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
-from runtime import distributed  # noqa: E402
-from runtime.config import ConfigError, parse_cli  # noqa: E402
-from runtime.launcher_watch import exit_with_launcher  # noqa: E402
+from runtime.checkpoint import CheckpointError  # noqa: E402
+from runtime.guard import NonFiniteLossError  # noqa: E402
+from runtime.loop import run_job  # noqa: E402
 
 log = logging.getLogger("finetune")
+
+
+def finetune(cfg: FinetuneConfig) -> int:
+    if cfg.train.mode == "linear_probe":
+        from finetune.linear_probe import LinearProbe
+        LinearProbe(cfg).run()
+    else:
+        from finetune.engine import Finetuning
+        Finetuning(cfg).run()
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -29,31 +40,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shortcuts += [f"encoder.checkpoint={args.checkpoint}"] if args.checkpoint else []
     shortcuts += ["encoder.from_scratch=true"] if args.from_scratch else []
     shortcuts += ["train.mode=linear_probe"] if args.linear_probe else []
-    try:
-        cfg, _ = parse_cli(FinetuneConfig, rest + shortcuts, description=__doc__)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    env = distributed.resolve_env()
-    distributed.setup_logging(env.rank)
-    exit_with_launcher(env.launcher)
-    from data_tools.registry import UnknownDatasetError
-    from runtime.checkpoint import CheckpointError
-    from runtime.guard import NonFiniteLossError
-    try:
-        if cfg.train.mode == "linear_probe":
-            from finetune.linear_probe import LinearProbe
-            LinearProbe(cfg).run()
-        else:
-            from finetune.engine import Finetuning
-            Finetuning(cfg).run()
-        distributed.shutdown(wait_for_peers=True)
-    except (UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        return 3
-    finally:
-        distributed.shutdown()
-    return 0
+    return run_job(FinetuneConfig, rest + shortcuts, __doc__, log, finetune,
+                   expected=(UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

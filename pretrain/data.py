@@ -1,4 +1,5 @@
 """Pretraining batches from shards: scene view, person-crop view, text tokens or cached teacher embeddings."""
+import functools
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -45,14 +46,21 @@ class PretrainTransform:
 VIEWS = ("image", "person")
 
 
+@functools.lru_cache(maxsize=None)
+def _pixel_mean_std(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean/std in 0-255 pixel units on `device`, made once (a per-batch copy to a GPU would sync)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize_views(batch: Dict[str, Any], dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
     """The uint8 views of a batch (already on its device) -> ImageNet-normalised floats (fp32, or dtype)."""
     out = dict(batch)
     for key in VIEWS:
         if key in out and out[key].dtype == torch.uint8:
             x = out[key]
-            mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-            std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+            mean, std = _pixel_mean_std(x.device)
             out[key] = ((x.float() - mean) / std).to(dtype or torch.float32)
     return out
 

@@ -8,37 +8,21 @@ if __package__ in (None, ""):  # run as a file (torchrun pretrain/main.py): make
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pretrain.config import PretrainConfig  # noqa: E402
-from runtime import distributed  # noqa: E402
-from runtime.config import ConfigError, parse_cli  # noqa: E402
-from runtime.launcher_watch import exit_with_launcher  # noqa: E402
+from runtime.checkpoint import CheckpointError  # noqa: E402
+from runtime.guard import NonFiniteLossError  # noqa: E402
+from runtime.loop import run_job  # noqa: E402
 
 log = logging.getLogger("pretrain")
 
 
+def pretrain(cfg: PretrainConfig) -> int:
+    from pretrain.engine import EXIT_STOPPED, Pretraining
+    return EXIT_STOPPED if Pretraining(cfg).run()["stopped"] else 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        cfg, _ = parse_cli(PretrainConfig, argv, description=__doc__)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    env = distributed.resolve_env()
-    distributed.setup_logging(env.rank)
-    exit_with_launcher(env.launcher)
-    from pretrain.engine import Pretraining, EXIT_STOPPED
-    from runtime.checkpoint import CheckpointError
-    from runtime.guard import NonFiniteLossError
-    try:
-        outcome = Pretraining(cfg).run()
-        distributed.shutdown(wait_for_peers=True)
-    except (NonFiniteLossError, CheckpointError, FileNotFoundError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        return 3
-    except ValueError:
-        log.exception("bad input")
-        return 3
-    finally:
-        distributed.shutdown()
-    return EXIT_STOPPED if outcome["stopped"] else 0
+    return run_job(PretrainConfig, argv, __doc__, log, pretrain,
+                   expected=(NonFiniteLossError, CheckpointError, FileNotFoundError), traced=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """What both training loops share: run-directory set-up, resume, save, and one guarded optimizer step."""
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 from runtime import distributed
 from runtime.checkpoint import CheckpointStore, decide_resume
-from runtime.config import config_to_dict, write_run_metadata
+from runtime.config import ConfigError, config_to_dict, parse_cli, write_run_metadata
 from runtime.guard import StepGuard
+from runtime.launcher_watch import exit_with_launcher
 from runtime.precision import autocast
 from runtime.seeding import capture_rng_state, restore_rng_state
 
@@ -31,6 +33,33 @@ def run_as_script(main: Callable[[], int], what: str) -> None:
         logging.shutdown()
         os._exit(1)
     raise SystemExit(status)
+
+
+def run_job(schema: type, argv: Optional[Sequence[str]], description: str, log: logging.Logger,
+            job: Callable[[Any], int], expected: Tuple[type, ...] = (), traced: Tuple[type, ...] = ()) -> int:
+    """A trainer's main(): its config from the command line (a config error exits 2), logging per rank, the
+    launcher watch, then job(cfg) -> exit status. Errors in `expected` are bad input, logged in one line, and
+    those in `traced` with their traceback; both exit 3. The process group is shut down on every path."""
+    try:
+        cfg, _ = parse_cli(schema, argv, description=description)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    env = distributed.resolve_env()
+    distributed.setup_logging(env.rank)
+    exit_with_launcher(env.launcher)
+    try:
+        status = job(cfg)
+        distributed.shutdown(wait_for_peers=True)
+        return status
+    except expected + traced as e:
+        if isinstance(e, expected):
+            log.error("%s: %s", type(e).__name__, e)
+        else:
+            log.exception("bad input")
+        return 3
+    finally:
+        distributed.shutdown()
 
 
 def prepare_run(run_dir: Path, store: CheckpointStore, cfg: Any, env: distributed.DistEnv, **meta: Any) -> None:

@@ -19,9 +19,9 @@ from torch import nn
 from runtime import distributed
 from runtime.atomic import atomic_write_json
 from runtime.checkpoint import CheckpointStore, decide_resume
-from runtime.config import OptimConfig, RunConfig, config_to_dict, config_to_yaml, parse_cli, scaled_lr, \
+from runtime.config import OptimConfig, RunConfig, config_to_dict, config_to_yaml, scaled_lr, \
     write_run_metadata
-from runtime.launcher_watch import exit_with_launcher
+from runtime.loop import run_job
 from runtime.metric_logger import MetricLogger
 from runtime.optim import adamw
 from runtime.schedule import warmup_cosine_lr
@@ -120,16 +120,7 @@ def train(cfg: SmokeConfig) -> Dict[str, object]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg, _ = parse_cli(SmokeConfig, argv, description=__doc__)
-    env = distributed.resolve_env()
-    distributed.setup_logging(env.rank)
-    exit_with_launcher(env.launcher)
-    try:
-        result = train(cfg)
-        distributed.shutdown(wait_for_peers=True)
-    finally:
-        distributed.shutdown()
-    return 0 if result["ranks_in_sync"] else 1
+    return run_job(SmokeConfig, argv, __doc__, log, lambda cfg: 0 if train(cfg)["ranks_in_sync"] else 1)
 
 
 if __name__ == "__main__":
