@@ -1,7 +1,6 @@
 """Command line: python -m data_tools {shard-folder, shard-emoset, crawl, idx-to-folder, verify} ..."""
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -9,6 +8,7 @@ from typing import Optional, Sequence
 from data_tools.images import DEFAULT_MAX_PIXELS
 from data_tools.registry import REGISTRY
 from data_tools.samples import ImageOptions
+from runtime.logs import setup_logging
 
 
 def _image_args(p: argparse.ArgumentParser, min_shards: int) -> None:
@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         if args.command == "shard-folder":
             from data_tools.folder import shard_folder

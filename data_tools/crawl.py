@@ -11,6 +11,7 @@ import requests
 import urllib3
 
 from data_tools.images import ImageError
+from data_tools.registry import SINGLE_LABEL, UNLABELLED
 from data_tools.samples import ImageOptions, SampleBuilder
 from data_tools.writer import finalize_split, plan_shards, run_shard_tasks, write_info
 
@@ -198,7 +199,7 @@ def crawl(annotations: str, out: str, *, name: str = "web", split: str = "train"
     summary = finalize_split(out_path, stats)
     log.info("crawl %s: %d of %d rows downloaded, failures: %s", name, summary["samples"], len(items),
              summary["failures"])
-    write_info(out_path, {"dataset": name, "task": "single_label" if classes else "unlabelled",
+    write_info(out_path, {"dataset": name, "task": SINGLE_LABEL if classes else UNLABELLED,
                           "classes": list(classes), "splits": {split: summary}, "source": str(annotations),
                           "image": {"max_side": options.max_side, "quality": options.quality,
                                     "max_pixels": options.max_pixels}, "detector": options.detector})

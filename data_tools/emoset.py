@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from data_tools.images import read_file
-from data_tools.registry import MIKELS8
+from data_tools.registry import MIKELS8, SINGLE_LABEL
 from data_tools.samples import ImageOptions, SampleBuilder
 from data_tools.splits import SPLITS, DatasetLayoutError
 from data_tools.writer import finalize_split, plan_shards, run_shard_tasks, write_info
@@ -83,7 +83,7 @@ def shard_emoset(src: str, out: str, *, seed: int = 0, shard_size: int = 1000, m
         random.Random(f"{seed}/{split}/shards").shuffle(entries)  # classes mixed across shards (see folder.py)
         tasks = plan_shards(out_path / split, split, entries, shard_size, min_shards)
         summary[split] = finalize_split(out_path / split, run_shard_tasks(tasks, maker, workers, f"{name}/{split}"))
-    info = {"dataset": name, "task": "single_label", "classes": classes, "splits": summary,
+    info = {"dataset": name, "task": SINGLE_LABEL, "classes": classes, "splits": summary,
             "source": str(src_path.resolve()), "attributes": list(ATTRIBUTES),
             "image": {"max_side": options.max_side, "quality": options.quality, "max_pixels": options.max_pixels},
             "detector": options.detector}

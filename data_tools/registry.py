@@ -1,6 +1,18 @@
 """The downstream benchmarks: class vocabularies, task types and split rules (docs/method.md §6)."""
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Literal, Optional, Tuple, get_args
+
+Task = Literal["single_label", "multi_label", "regression"]
+SINGLE_LABEL: Task = "single_label"
+MULTI_LABEL: Task = "multi_label"
+REGRESSION: Task = "regression"
+TASKS: Tuple[Task, ...] = get_args(Task)
+UNLABELLED = "unlabelled"  # the task info.json records for crawled shards: pretraining only
+
+# "per_class": seeded ratios within each class; "per_group": within each (class, sub-folder);
+# "official_test_split": the source's train/ and test/ kept, test divided into test and val;
+# "files": the source's own split files are required
+SplitRule = Literal["per_class", "per_group", "official_test_split", "files"]
 
 MIKELS8 = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
 
@@ -9,13 +21,16 @@ MIKELS8 = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", 
 class DatasetSpec:
     name: str
     classes: Tuple[str, ...]
-    # "per_class": seeded ratios within each class; "per_group": within each (class, sub-folder);
-    # "official_test_split": the source's train/ and test/ kept, test divided into test and val;
-    # "files": the source's own split files are required
-    split_rule: str
+    split_rule: SplitRule
     ratios: Tuple[float, float, float] = (0.8, 0.1, 0.1)   # train, val, test
-    task: str = "single_label"                               # or "multi_label", "regression"
+    task: Task = SINGLE_LABEL
     note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.split_rule not in get_args(SplitRule):
+            raise ValueError(f"{self.name}: split_rule {self.split_rule!r} is not one of {get_args(SplitRule)}")
+        if self.task not in TASKS:
+            raise ValueError(f"{self.name}: task {self.task!r} is not one of {TASKS}")
 
     def class_index(self, folder_name: str) -> Optional[int]:
         """Index of a class folder, matched case-insensitively ('Anger' and 'anger' are the same class)."""

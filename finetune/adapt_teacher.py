@@ -23,15 +23,19 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from data_tools.registry import UnknownDatasetError  # noqa: E402
 from finetune.config import AdaptConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
-from runtime.guard import NonFiniteLossError  # noqa: E402
+from runtime import distributed  # noqa: E402
+from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
 from runtime.loop import run_job  # noqa: E402
 
 log = logging.getLogger("finetune.adapt_teacher")
 
 
-def adapt(cfg: AdaptConfig) -> int:
+def adapt(cfg: AdaptConfig, stop: StopRequest) -> int:
+    from finetune.data import patch_timm_posterize
     from finetune.teacher_adaptation import TeacherAdaptation
-    TeacherAdaptation(cfg).run()
+    patch_timm_posterize()
+    env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
+    TeacherAdaptation(cfg, env, stop).run()
     return 0
 
 

@@ -15,10 +15,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from data_tools.registry import SINGLE_LABEL
 from finetune.config import AugmentConfig, FinetuneDataConfig
 from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
 from finetune.metrics import compute_metrics
 from runtime.atomic import atomic_write_json
+from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.baseline")
 
@@ -41,7 +43,7 @@ def pixel_logreg(dataset: str, data: str, out: str, img_size: int = 32, crop_pct
     from sklearn.preprocessing import StandardScaler
     start = time.time()
     info = resolve_dataset(dataset, data, Path(out))
-    if info.task != "single_label":
+    if info.task != SINGLE_LABEL:
         raise ValueError(f"the pixel baseline is for single-label sets; {info.name} is {info.task}")
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (split_pixels(info, s, img_size, crop_pct)
                                                              for s in ("train", "val", "test"))
@@ -50,13 +52,13 @@ def pixel_logreg(dataset: str, data: str, out: str, img_size: int = 32, crop_pct
     best = None
     for c in c_grid:
         model = LogisticRegression(C=c, max_iter=max_iter).fit(x_train, y_train)
-        val = compute_metrics("single_label", model.decision_function(x_val), y_val, info.classes)
+        val = compute_metrics(SINGLE_LABEL, model.decision_function(x_val), y_val, info.classes)
         log.info("C=%g: val top1 %.4f", c, val["top1"])
         if best is None or val["top1"] > best[1]["top1"]:
             best = (c, val, model)
     c, val, model = best
-    test = compute_metrics("single_label", model.decision_function(x_test), y_test, info.classes)
-    result = {"dataset": info.name, "task": "single_label", "primary_metric": "top1",
+    test = compute_metrics(SINGLE_LABEL, model.decision_function(x_test), y_test, info.classes)
+    result = {"dataset": info.name, "task": SINGLE_LABEL, "primary_metric": "top1",
               "encoder_source": f"pixels {img_size}px, logistic regression C={c:g}", "best_epoch": None,
               "val": val, "test": test, "classes": info.classes, "c_grid": list(c_grid),
               "seconds": round(time.time() - start, 1)}
@@ -74,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--crop-pct", type=float, default=1.0, help="evaluation resize/centre-crop ratio")
     parser.add_argument("--c-grid", type=float, nargs="+", default=[1e-3, 1e-2], help="C values tried on val")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     result = pixel_logreg(args.dataset, args.data, args.out, args.img_size, args.crop_pct, args.c_grid)
     print(json.dumps({"val_top1": result["val"]["top1"], "test_top1": result["test"]["top1"],
                       "C": result["encoder_source"]}))

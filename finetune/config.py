@@ -49,9 +49,14 @@ class FinetuneTrainConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class LabelledJobConfig:
+    """What every job on a labelled benchmark has: its run directory and its shards."""
     run: RunConfig
     data: FinetuneDataConfig
+
+
+@dataclass
+class FinetuneConfig(LabelledJobConfig):
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(blr=1e-3, weight_decay=0.05, betas=(0.9, 0.999),
@@ -78,9 +83,7 @@ class AdaptTrainConfig:
 
 
 @dataclass
-class AdaptConfig:
-    run: RunConfig
-    data: FinetuneDataConfig
+class AdaptConfig(LabelledJobConfig):
     teacher: AdaptTeacherConfig = field(default_factory=AdaptTeacherConfig)
     aug: AugmentConfig = field(default_factory=lambda: AugmentConfig(
         auto_augment=None, crop_scale=(0.5, 1.0), re_prob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, crop_pct=1.0))

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from data_tools.folder import shard_folder
 from data_tools.reader import SharedEpoch, make_loader
-from data_tools.registry import REGISTRY, UnknownDatasetError, get_dataset
+from data_tools.registry import (MULTI_LABEL, REGISTRY, REGRESSION, SINGLE_LABEL, TASKS, Task, UnknownDatasetError,
+                                 get_dataset)
 from data_tools.samples import ImageOptions
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
 from runtime import distributed
@@ -24,7 +25,7 @@ REGRESSION_TARGETS = ["valence", "arousal"]
 @dataclass
 class DatasetInfo:
     name: str
-    task: str
+    task: Task
     classes: List[str]          # class names, or the regression targets
     root: Path
     sizes: Dict[str, int]       # samples per split
@@ -33,7 +34,7 @@ class DatasetInfo:
         return sorted(str(p) for p in (self.root / split).glob("*.tar"))
 
 
-def resolve_dataset(dataset: str, root: Optional[str], run_dir: Path, task: Optional[str] = None) -> DatasetInfo:
+def resolve_dataset(dataset: str, root: Optional[str], run_dir: Path, task: Optional[Task] = None) -> DatasetInfo:
     """Shards made by data_tools (a directory with info.json), or an image folder of a registered benchmark that
     rank 0 shards into the run directory (reruns reuse it)."""
     if root is None:
@@ -61,8 +62,10 @@ def resolve_dataset(dataset: str, root: Optional[str], run_dir: Path, task: Opti
         if [c.lower() for c in info["classes"]] != expected:
             raise ValueError(f"{root_path}: classes {info['classes']} do not match the {dataset} registry "
                              f"({REGISTRY[registered[dataset.lower()]].classes})")
-    task = task or info.get("task", "single_label")
-    classes = REGRESSION_TARGETS if task == "regression" else list(info["classes"])
+    task = task or info.get("task", SINGLE_LABEL)
+    if task not in TASKS:
+        raise ValueError(f"{root_path / 'info.json'}: task {task!r} cannot be fine-tuned on (expected one of {TASKS})")
+    classes = REGRESSION_TARGETS if task == REGRESSION else list(info["classes"])
     sizes = {s: v["samples"] for s, v in info["splits"].items()}
     for split in ("train", "val", "test"):
         if not sizes.get(split):
@@ -80,15 +83,17 @@ def _posterize_compat(img, bits_to_keep, **_):
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def _patch_timm_posterize() -> None:
+def patch_timm_posterize() -> None:
+    """Make timm's RandAugment posterize work with Pillow >= 12 (a process-wide change to timm's op table: the
+    entry points that train with RandAugment call it once, before building transforms)."""
     from timm.data import auto_augment
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
         auto_augment.NAME_TO_OP[name] = _posterize_compat
 
 
 def make_transforms(img_size: int, aug) -> tuple:
-    """timm's RandAugment/erasing training transform and the resize + centre-crop evaluation transform."""
-    _patch_timm_posterize()
+    """timm's RandAugment/erasing training transform and the resize + centre-crop evaluation transform
+    (RandAugment with Pillow >= 12 needs patch_timm_posterize() first)."""
     train = create_transform(img_size, is_training=True, scale=tuple(aug.crop_scale), hflip=aug.hflip,
                              color_jitter=aug.color_jitter,
                              auto_augment=aug.auto_augment, re_prob=aug.re_prob,
@@ -102,7 +107,7 @@ def make_transforms(img_size: int, aug) -> tuple:
 class LabelledTransform:
     """Decoded sample -> {'image', 'target', 'key'}; the target's form follows the task (picklable for workers)."""
 
-    def __init__(self, transform, task: str, num_classes: int):
+    def __init__(self, transform, task: Task, num_classes: int):
         self.transform, self.task, self.num_classes = transform, task, num_classes
 
     def label(self, meta: Dict[str, Any]) -> int:
@@ -113,9 +118,9 @@ class LabelledTransform:
 
     def target(self, meta: Dict[str, Any]):
         """The record's target, checked: a record of the wrong form raises (the reader counts and drops it)."""
-        if self.task == "single_label":
+        if self.task == SINGLE_LABEL:
             return self.label(meta)
-        if self.task == "multi_label":
+        if self.task == MULTI_LABEL:
             labels = meta.get("labels")
             if labels is None:
                 return torch.nn.functional.one_hot(torch.tensor(self.label(meta)), self.num_classes).float()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from finetune.report import markdown, result_rows
+from runtime.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -140,9 +141,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seconds = round(time.time() - start, 1)
     result = {"runs": rows, "seconds": seconds, "source": args.src or "Fashion-MNIST (Debian)", "seed": args.seed,
               "steps": demo.timings}
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(result, indent=1) + "\n")
     table = markdown(rows)
-    (out / "results.md").write_text(table + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
     print(f"\n== results ({seconds:.0f} s; {out / 'results.json'})\n{table}")
     return 0
 

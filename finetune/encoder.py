@@ -88,8 +88,9 @@ def read_encoder_source(source: str, preset: str) -> Tuple[Dict[str, torch.Tenso
     state_file = find_checkpoint(path) / STATE_FILE
     raw = safe_torch_load(state_file)
     check_schema(raw, state_file)
-    if "arch" in raw:  # one of our fine-tuning checkpoints: timm names, its architecture stored beside them
-        return raw["model"], MAEArch(**raw["arch"]), "finetune"
+    arch = (raw.get("extra") or {}).get("arch") or raw.get("arch")  # (older checkpoints: at the top level)
+    if arch:  # one of our fine-tuning checkpoints: timm names, its architecture stored in its TrainState
+        return raw["model"], MAEArch(**arch), "finetune"
     return raw["model"], _arch_from_config(raw.get("config", {}).get("model", {})), "pretrain"
 
 

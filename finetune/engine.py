@@ -4,8 +4,6 @@ import csv
 import dataclasses
 import io
 import logging
-import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -15,23 +13,23 @@ from timm.data import Mixup
 from timm.optim import param_groups_layer_decay
 
 from data_tools.reader import SharedEpoch, epoch_stream
+from data_tools.registry import SINGLE_LABEL
 from finetune.config import FinetuneConfig
 from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset, train_loader
 from finetune.encoder import create_encoder
 from finetune.losses import make_criterion
 from finetune.metrics import PRIMARY, compute_metrics
 from runtime import distributed
-from runtime.atomic import atomic_save_safetensors, atomic_write_json, atomic_write_text
+from runtime.atomic import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text
 from runtime.checkpoint import CheckpointStore
-from runtime.config import config_to_yaml, scaled_lr
-from runtime.guard import StepGuard
-from runtime.loop import inject_faults, optimizer_step, prepare_run, resume_run, save_run
+from runtime.config import with_scaled_lr
+from runtime.guard import StopRequest
 from runtime.metric_logger import MetricLogger
 from runtime.optim import adamw
 from runtime.precision import autocast, resolve_precision
-from runtime.schedule import warmup_cosine_lr
 from runtime.seeding import seed_everything
 from runtime.strategy import DDPStrategy
+from runtime.training import TrainingJob, TrainState
 
 log = logging.getLogger("finetune")
 BEST = "best.safetensors"
@@ -78,16 +76,18 @@ def confusion_image(cm, classes) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
-class Finetuning:
+class Finetuning(TrainingJob):
     """One fine-tuning job on this rank. `on_epoch(epoch, val_metrics)` is called on every rank after each
     evaluation (Ray Tune reports through it)."""
 
-    def __init__(self, cfg: FinetuneConfig, on_epoch: Optional[Callable[[int, Dict], None]] = None):
-        self.cfg, self.on_epoch = cfg, on_epoch
-        self.env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
-        self.device = distributed.default_device(self.env)
+    name = "fine-tuning"
+
+    def __init__(self, cfg: FinetuneConfig, env: distributed.DistEnv, stop: Optional[StopRequest] = None,
+                 on_epoch: Optional[Callable[[int, Dict], None]] = None):
+        super().__init__(with_scaled_lr(cfg, cfg.data.batch_size, env.world_size), env, stop, cfg.debug)
+        cfg, self.on_epoch = self.cfg, on_epoch
+        self.lr, self.max_nonfinite, self.batch_size = cfg.optim.lr, cfg.train.max_nonfinite, cfg.data.batch_size
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.run_dir = Path(cfg.run.output_dir)
         self.info = resolve_dataset(cfg.data.dataset, cfg.data.root, self.run_dir)
         self.task = self.info.task
         seed_everything(cfg.run.seed)
@@ -95,15 +95,13 @@ class Finetuning:
         torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head on the loaded encoder
         torch.nn.init.zeros_(model.head.bias)
         self.img_size = model.patch_embed.img_size[0]
-        world, batch = self.env.world_size, cfg.data.batch_size
-        self.steps_per_epoch = max(1, self.info.sizes["train"] // (batch * cfg.optim.accum_steps * world))
+        self.steps_per_epoch = max(1, self.info.sizes["train"] // self.samples_per_step)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        cfg.optim.lr = scaled_lr(cfg.optim, batch, world)
         groups = param_groups_layer_decay(model, cfg.optim.weight_decay, model.no_weight_decay(),
                                           layer_decay=cfg.train.layer_decay)
         optimizer = adamw(groups, cfg.optim)
         self.strategy = DDPStrategy(model, optimizer, self.device, cfg.optim.accum_steps, cfg.optim.clip_grad)
-        mixup_on = self.task == "single_label" and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
+        mixup_on = self.task == SINGLE_LABEL and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
         self.mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, label_smoothing=cfg.aug.smoothing,
                            num_classes=len(self.info.classes)) if mixup_on else None
         self.criterion = make_criterion(self.task, mixup_on, cfg.aug.smoothing)
@@ -126,10 +124,12 @@ class Finetuning:
         loader = eval_loader(self.info, split, self.eval_transform, self.cfg.data)
         outputs, targets, keys = predict_split(self.strategy.module, loader, self.device, self.precision)
         if save_predictions and self.env.is_main:  # for error analysis, and to recompute any metric
-            np.savez(self.run_dir / f"predictions_{split}.npz", outputs=outputs, targets=targets, keys=np.array(keys))
+            buf = io.BytesIO()
+            np.savez(buf, outputs=outputs, targets=targets, keys=np.array(keys))
+            atomic_write_bytes(self.run_dir / f"predictions_{split}.npz", buf.getvalue())
         return compute_metrics(self.task, outputs, targets, self.info.classes)
 
-    def stream(self, start_step: int):
+    def batches(self, start_step: int):
         def loader_for(needed: int, segment: int):
             return train_loader(self.info, self.train_transform, self.cfg.data, batches=needed,
                                 seed=self.cfg.run.seed, epoch=self.epoch, segment=segment)
@@ -137,12 +137,21 @@ class Finetuning:
                             lambda loader: f"the training shards of {self.info.name} in {self.info.root} gave no "
                                            f"batch of {self.cfg.data.batch_size} in a whole pass")
 
-    def on_start(self, resumed: Dict[str, Any]) -> None:
-        """Called on every rank once resumed (or fresh), before the first step."""
+    def run_metadata(self) -> Dict[str, Any]:
+        return {"dataset": self.info.name, "task": self.task, "encoder_source": self.source,
+                "steps_per_epoch": self.steps_per_epoch}
 
-    def checkpoint_extra(self, resumed: Dict[str, Any]) -> Dict[str, Any]:
-        """What else a checkpoint records (`resumed`: the state this run resumed from, empty for a fresh run)."""
-        return {"arch": dataclasses.asdict(self.arch)}
+    def on_start(self, state: TrainState) -> None:
+        state.extra.update(arch=dataclasses.asdict(self.arch), classes=self.info.classes, task=self.task)
+        log.info("%s (%s): %d classes, %d train / %d val / %d test; encoder from %s; steps %d..%d (%d per epoch)",
+                 self.info.name, self.task, len(self.info.classes), self.info.sizes["train"], self.info.sizes["val"],
+                 self.info.sizes["test"], self.source, state.step + 1, self.total_steps, self.steps_per_epoch)
+
+    def window_scalars(self, state: TrainState, window: Dict[str, float], lr: float) -> Dict[str, float]:
+        return {"train/lr": lr, "train/epoch": state.epoch}
+
+    def checkpoint_due(self, step: int) -> bool:
+        return super().checkpoint_due(step) or step % self.steps_per_epoch == 0
 
     def save_best(self, metrics: Dict[str, Any], step: int) -> None:
         if self.env.is_main:
@@ -150,91 +159,45 @@ class Finetuning:
                                     {"step": str(step), self.primary: str(metrics[self.primary])})
         distributed.barrier()
 
-    def run(self) -> Dict[str, Any]:
-        cfg = self.cfg
-        prepare_run(self.run_dir, self.store, cfg, self.env, dataset=self.info.name, task=self.task,
-                    encoder_source=self.source, steps_per_epoch=self.steps_per_epoch)
-        state = resume_run(cfg.run.resume, self.store, self.strategy, self.env) or {}
-        step = int(state.get("step", 0))
-        self.on_start(state)
-        best = state.get("best", {"epoch": None, "metric": None, "val": None})
-        history = state.get("history", [])
-        logger = MetricLogger(self.run_dir / "tb", every=cfg.run.log_every, device=self.device)
-        if step == 0:
-            logger.text("config", "```\n" + config_to_yaml(cfg) + "```")
-        guard = StepGuard(cfg.train.max_nonfinite, self.device)
-        batches = self.stream(step)
-        stopped = False
-        log.info("%s (%s): %d classes, %d train / %d val / %d test; encoder from %s; steps %d..%d (%d per epoch)",
-                 self.info.name, self.task, len(self.info.classes), self.info.sizes["train"], self.info.sizes["val"],
-                 self.info.sizes["test"], self.source, step + 1, self.total_steps, self.steps_per_epoch)
-        try:
-            while step < self.total_steps and not stopped:
-                step += 1
-                lr = warmup_cosine_lr(step / self.steps_per_epoch, cfg.optim.lr, cfg.optim.min_lr,
-                                      cfg.optim.warmup_epochs, cfg.train.epochs)
-                self.strategy.set_lr(lr)
-                done = optimizer_step(self.strategy, batches, self.forward, guard, step, cfg.optim.accum_steps,
-                                      self.precision, self.device,
-                                      on_loss=lambda loss, s: inject_faults(cfg.debug, loss, s, self.env.rank))
-                stopped = done.stop
-                window = logger.update(step, samples=cfg.data.batch_size * cfg.optim.accum_steps,
-                                       data_time=done.data_time, **({} if done.skipped else {"loss": done.loss.detach()}),
-                                       grad_norm=done.grad_norm.to(self.device), skipped_steps=float(done.skipped))
-                if window:
-                    logger.write_scalars(step, {"train/lr": lr, "train/epoch": step / self.steps_per_epoch})
-                if step % self.steps_per_epoch == 0:  # end of an epoch: evaluate on val, keep the best
-                    epoch = step // self.steps_per_epoch
-                    val = self.evaluate("val")
-                    history.append({"epoch": epoch, "step": step, f"val_{self.primary}": val[self.primary]})
-                    logger.write_scalars(step, {f"val/{self.primary}": val[self.primary],
-                                                **({"val/top3": val["top3"], "val/macro_f1": val["macro_f1"]}
-                                                   if self.task == "single_label" else {})})
-                    if best["metric"] is None or val[self.primary] > best["metric"]:
-                        best = {"epoch": epoch, "metric": val[self.primary], "val": val}
-                        self.save_best(val, step)
-                    log.info("epoch %d: val %s %.4f (best %.4f at epoch %d)", epoch, self.primary, val[self.primary],
-                             best["metric"], best["epoch"])
-                    if self.on_epoch is not None:
-                        self.on_epoch(epoch, val)
-                if step % cfg.run.ckpt_every == 0 or step % self.steps_per_epoch == 0 or step == self.total_steps \
-                        or stopped:
-                    save_run(self.store, self.strategy, step, cfg, {
-                        "epoch": step / self.steps_per_epoch, "samples_seen": step * cfg.data.batch_size *
-                        cfg.optim.accum_steps * self.env.world_size, "best": best, "history": history,
-                        "classes": self.info.classes, "task": self.task,
-                        "scheduler": {"name": "warmup_cosine", "steps_per_epoch": self.steps_per_epoch},
-                        **self.checkpoint_extra(state)})
-                if cfg.debug.step_sleep_s:
-                    time.sleep(cfg.debug.step_sleep_s)
-        finally:
-            batches.close()  # shuts the loader's workers down now, not at interpreter exit
-        if stopped:
-            logger.close()
-            log.warning("stopped by %s at step %d after saving a checkpoint", guard.signal_name, step)
-            return {"final_step": step, "stopped": True}
-        result = self.finish(step, best, history, logger)
-        logger.close()
-        return result
+    def after_step(self, state: TrainState, done, logger: MetricLogger) -> None:
+        """At the end of an epoch: evaluate on val, keep the best weights."""
+        if state.step % self.steps_per_epoch:
+            return
+        epoch, best = state.step // self.steps_per_epoch, state.best
+        val = self.evaluate("val")
+        state.history.append({"epoch": epoch, "step": state.step, f"val_{self.primary}": val[self.primary]})
+        logger.write_scalars(state.step, {f"val/{self.primary}": val[self.primary],
+                                          **({"val/top3": val["top3"], "val/macro_f1": val["macro_f1"]}
+                                             if self.task == SINGLE_LABEL else {})})
+        if best["metric"] is None or val[self.primary] > best["metric"]:
+            best = state.best = {"epoch": epoch, "metric": val[self.primary], "val": val}
+            self.save_best(val, state.step)
+        log.info("epoch %d: val %s %.4f (best %.4f at epoch %d)", epoch, self.primary, val[self.primary],
+                 best["metric"], best["epoch"])
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, val)
 
-    def finish(self, step: int, best: Dict, history, logger: MetricLogger) -> Dict[str, Any]:
+    def finish(self, state: TrainState, logger: MetricLogger, guard, start: int, stopped: bool) -> Dict[str, Any]:
         """Test the best-validation weights; write metrics.json, the confusion matrix (CSV, TensorBoard)."""
+        if stopped:
+            return {"final_step": state.step, "stopped": True}
         self.strategy.module.load_state_dict(load_file(str(self.run_dir / BEST)))
         test = self.evaluate("test", save_predictions=True)
-        logger.write_scalars(step, {f"test/{self.primary}": test[self.primary]})
+        logger.write_scalars(state.step, {f"test/{self.primary}": test[self.primary]})
+        best = state.best
         result = {"dataset": self.info.name, "task": self.task, "primary_metric": self.primary,
-                  "encoder_source": self.source, "final_step": step, "best_epoch": best["epoch"],
-                  "val": best["val"], "test": test, "history": history, "classes": self.info.classes,
-                  "world_size": self.env.world_size, "stopped": False}
+                  "encoder_source": self.source, "final_step": state.step, "best_epoch": best["epoch"],
+                  "val": best["val"], "test": test, "history": state.history, "train": state.summary,
+                  "classes": self.info.classes, "world_size": self.env.world_size, "stopped": False}
         if self.env.is_main:
             atomic_write_json(self.run_dir / "metrics.json", result)
-            if self.task == "single_label":
+            if self.task == SINGLE_LABEL:
                 rows = [["true\\predicted", *self.info.classes]] + [[c, *r] for c, r in
                                                                     zip(self.info.classes, test["confusion"])]
                 buf = io.StringIO()
                 csv.writer(buf).writerows(rows)
                 atomic_write_text(self.run_dir / "confusion_test.csv", buf.getvalue())
-                logger.image("test/confusion", confusion_image(test["confusion"], self.info.classes), step)
+                logger.image("test/confusion", confusion_image(test["confusion"], self.info.classes), state.step)
             log.info("test %s %.4f (best val %.4f at epoch %s)", self.primary, test[self.primary], best["metric"],
                      best["epoch"])
         return result

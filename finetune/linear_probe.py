@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_tools.registry import MULTI_LABEL, SINGLE_LABEL, Task
 from finetune.config import FinetuneConfig
 from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
 from finetune.encoder import create_encoder
@@ -39,18 +40,18 @@ def extract_features(model, loader, device, precision):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def probe_loss(task: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def probe_loss(task: Task, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-head losses summed over the heads: logits (G, N, C)."""
-    if task == "single_label":
+    if task == SINGLE_LABEL:
         g = logits.shape[0]
         return F.cross_entropy(logits.flatten(0, 1), targets.long().repeat(g), reduction="sum") / logits.shape[1]
-    if task == "multi_label":
+    if task == MULTI_LABEL:
         return F.binary_cross_entropy_with_logits(logits, targets.expand_as(logits), reduction="sum") / (
             logits.shape[1] * logits.shape[2])
     return sum(F.mse_loss(l, targets) + ccc_loss(l, targets) for l in logits)
 
 
-def train_probes(train_x: torch.Tensor, train_y: torch.Tensor, task: str, num_outputs: int, lrs: List[float],
+def train_probes(train_x: torch.Tensor, train_y: torch.Tensor, task: Task, num_outputs: int, lrs: List[float],
                  epochs: int, batch_size: int, seed: int) -> tuple:
     """One linear head per learning rate, trained in the same passes over the cached features (SGD with
     momentum, cosine decay): weights (G, C, D), biases (G, C)."""
@@ -79,9 +80,10 @@ def train_probes(train_x: torch.Tensor, train_y: torch.Tensor, task: str, num_ou
 
 
 class LinearProbe:
-    def __init__(self, cfg: FinetuneConfig):
-        self.cfg = cfg
-        self.env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
+    """Linear heads on the frozen encoder's features (one per learning rate), the best on val tested."""
+
+    def __init__(self, cfg: FinetuneConfig, env: distributed.DistEnv):
+        self.cfg, self.env = cfg, env
         self.device = distributed.default_device(self.env)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.run_dir = Path(cfg.run.output_dir)

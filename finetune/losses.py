@@ -4,6 +4,8 @@ import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from data_tools.registry import MULTI_LABEL, REGRESSION, Task
+
 
 def ccc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - mean over outputs of the concordance correlation coefficient (differentiable)."""
@@ -24,10 +26,10 @@ class MultiLabelLoss(nn.Module):
         return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
 
-def make_criterion(task: str, mixup_active: bool, smoothing: float) -> nn.Module:
-    if task == "multi_label":
+def make_criterion(task: Task, mixup_active: bool, smoothing: float) -> nn.Module:
+    if task == MULTI_LABEL:
         return MultiLabelLoss()
-    if task == "regression":
+    if task == REGRESSION:
         return RegressionLoss()
     if mixup_active:
         return SoftTargetCrossEntropy()  # Mixup already smooths the targets

@@ -11,19 +11,23 @@ if __package__ in (None, ""):  # run as a file (torchrun finetune/main.py): make
 from data_tools.registry import UnknownDatasetError  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
-from runtime.guard import NonFiniteLossError  # noqa: E402
+from runtime import distributed  # noqa: E402
+from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
 from runtime.loop import run_job  # noqa: E402
 
 log = logging.getLogger("finetune")
 
 
-def finetune(cfg: FinetuneConfig) -> int:
+def finetune(cfg: FinetuneConfig, stop: StopRequest) -> int:
+    env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
     if cfg.train.mode == "linear_probe":
         from finetune.linear_probe import LinearProbe
-        LinearProbe(cfg).run()
+        LinearProbe(cfg, env).run()
     else:
+        from finetune.data import patch_timm_posterize
         from finetune.engine import Finetuning
-        Finetuning(cfg).run()
+        patch_timm_posterize()
+        Finetuning(cfg, env, stop).run()
     return 0
 
 

@@ -4,7 +4,9 @@ from typing import Dict, List, Sequence
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, f1_score
 
-PRIMARY = {"single_label": "top1", "multi_label": "mAP", "regression": "ccc"}
+from data_tools.registry import MULTI_LABEL, REGRESSION, SINGLE_LABEL, Task
+
+PRIMARY: Dict[Task, str] = {SINGLE_LABEL: "top1", MULTI_LABEL: "mAP", REGRESSION: "ccc"}
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -47,9 +49,9 @@ def regression_metrics(pred: np.ndarray, target: np.ndarray, names: List[str]) -
             "n": int(len(target))}
 
 
-def compute_metrics(task: str, outputs: np.ndarray, targets: np.ndarray, classes: Sequence[str]) -> Dict:
-    if task == "single_label":
+def compute_metrics(task: Task, outputs: np.ndarray, targets: np.ndarray, classes: Sequence[str]) -> Dict:
+    if task == SINGLE_LABEL:
         return classification_metrics(outputs, targets.astype(int), classes)
-    if task == "multi_label":
+    if task == MULTI_LABEL:
         return multilabel_metrics(outputs, targets, classes)
     return regression_metrics(outputs, targets, list(classes))

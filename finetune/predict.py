@@ -24,11 +24,14 @@ from timm.data import create_transform
 from tqdm import tqdm
 
 from data_tools.images import ImageError, decode_image, read_file
+from data_tools.registry import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 from data_tools.splits import IMAGE_EXTENSIONS
 from data_tools.tars import read_tar
 from finetune.encoder import arch_from_metadata, build_vit, check_arch_fits
 from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
+from runtime.atomic import atomic_write_text
 from runtime.checkpoint import CheckpointError
+from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.predict")
 
@@ -94,9 +97,9 @@ class Predictor:
     @torch.no_grad()
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(images).float()
-        if self.task == "single_label":
+        if self.task == SINGLE_LABEL:
             return out.softmax(-1)
-        return out.sigmoid() if self.task == "multi_label" else out
+        return out.sigmoid() if self.task == MULTI_LABEL else out
 
 
 class ZeroShotPredictor:
@@ -104,7 +107,7 @@ class ZeroShotPredictor:
         from finetune.zeroshot import ZeroShotEncoder, label_embeddings, read_labels
         from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
         self.classes = read_labels(labels_file)
-        self.task = "single_label"
+        self.task = SINGLE_LABEL
         self.encoder = ZeroShotEncoder(checkpoint)
         self.text = label_embeddings(teacher, self.classes, templates)
         self.scale = teacher.logit_scale
@@ -126,13 +129,13 @@ def predict(predictor, items: Sequence[str], topk: int = 3, batch_size: int = 32
         scores = predictor.scores(torch.stack([t for _, t in pending]))
         for (name, _), s in zip(pending, scores):
             row = {"input": name, "status": "ok", "reason": ""}
-            if predictor.task == "regression":
+            if predictor.task == REGRESSION:
                 row.update({c: float(v) for c, v in zip(predictor.classes, s)})
             else:
                 order = torch.argsort(s, descending=True)[:topk]
                 for rank, j in enumerate(order.tolist(), 1):
                     row[f"label{rank}"], row[f"score{rank}"] = predictor.classes[j], float(s[j])
-                if predictor.task == "single_label":
+                if predictor.task == SINGLE_LABEL:
                     row["probabilities"] = {c: float(v) for c, v in zip(predictor.classes, s)}
             rows.append(row)
         pending.clear()
@@ -154,7 +157,7 @@ def predict(predictor, items: Sequence[str], topk: int = 3, batch_size: int = 32
 
 def write_rows(rows: List[Dict], out: Optional[str]) -> None:
     if out and out.endswith(".jsonl"):
-        Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
         return
     fields: List[str] = []
     for r in rows:
@@ -164,7 +167,7 @@ def write_rows(rows: List[Dict], out: Optional[str]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     if out:
-        Path(out).write_text(buf.getvalue())
+        atomic_write_text(out, buf.getvalue())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -180,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                   "or a file with one per line")
     add_teacher_args(parser, "zero-shot: the teacher's weights file (default: the run's)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         if args.zero_shot:
             from finetune.zeroshot import resolve_templates

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from runtime.atomic import atomic_write_text
+
 RESULT_FILES = ("metrics.json", "zeroshot.json")
 
 
@@ -60,9 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     table = markdown(rows)
     print(table)
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        atomic_write_text(args.out, table + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps({"runs": rows}, indent=1) + "\n")
     return 0
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from finetune.config import FinetuneConfig
-from runtime.atomic import atomic_write_text
+from runtime.atomic import atomic_write_bytes, atomic_write_text
 from runtime.config import ConfigError, load_config, parse_cli
+from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.sweep")
 SPACE_KINDS = ("loguniform", "uniform", "choice", "grid", "randint")
@@ -76,7 +77,9 @@ def run_trial(config: Dict[str, Any]) -> None:
     """The Ray Tune trainable: one fine-tuning run with this trial's values, reporting val every epoch."""
     from ray import tune
 
+    from finetune.data import patch_timm_posterize
     from finetune.engine import Finetuning
+    from runtime import distributed
     from runtime.launcher_watch import exit_with_launcher
     exit_with_launcher("ray", "the Ray node's raylet")  # a trial ends with the raylet that started it
     meta = config["__sweep"]
@@ -89,19 +92,18 @@ def run_trial(config: Dict[str, Any]) -> None:
     last: Dict[str, Any] = {}
 
     def report(epoch: int, val: Dict[str, Any]) -> None:
-        row = {"val_metric": float(val[meta_primary(val)]), "epoch": epoch, "trial_dir": str(trial_dir),
+        row = {"val_metric": float(val[job.primary]), "epoch": epoch, "trial_dir": str(trial_dir),
                "node": socket.gethostname()}
         if epoch < cfg.train.epochs:
             tune.report(row)
         else:
             last.update(row)  # the last epoch is reported after the test: a scheduler may stop a trial at max_t
-    result = Finetuning(cfg, on_epoch=report).run()
+    patch_timm_posterize()
+    env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
+    job = Finetuning(cfg, env, on_epoch=report)
+    result = job.run()
     if last:
         tune.report({**last, "test_metric": float(result["test"][result["primary_metric"]])})
-
-
-def meta_primary(val: Dict[str, Any]) -> str:
-    return next(k for k in ("top1", "mAP", "ccc") if k in val)
 
 
 def sweep_dataset(cfg: SweepConfig, dataset: str, root: str, address: Optional[str]):
@@ -204,8 +206,10 @@ def plot_curves(path: Path, rows: List[Dict[str, Any]]) -> None:
         ax.set_title(dataset), ax.set_xlabel("epoch"), ax.set_ylabel("val metric")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def connect(address: str, nodes: int, timeout_s: float) -> None:
@@ -246,7 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     datasets = args.datasets or list(cfg.datasets)
     unknown = [d for d in datasets if d not in cfg.datasets]
     if unknown:

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import logging
 import random
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import open_clip
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from data_tools.reader import SharedEpoch
+from data_tools.registry import REGRESSION, SINGLE_LABEL
 from finetune.config import AdaptConfig
 from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
 from finetune.engine import Finetuning, predict_split
@@ -23,11 +23,13 @@ from pretrain.teacher import CLIPTeacher
 from runtime import distributed
 from runtime.atomic import atomic_save_safetensors, atomic_write_json
 from runtime.checkpoint import CheckpointStore
-from runtime.config import scaled_lr
+from runtime.config import with_scaled_lr
+from runtime.guard import StopRequest
 from runtime.optim import adamw
 from runtime.precision import resolve_precision
 from runtime.seeding import seed_everything
 from runtime.strategy import DDPStrategy
+from runtime.training import TrainingJob, TrainState
 
 log = logging.getLogger("finetune.adapt_teacher")
 TEACHER_FILE = "teacher.safetensors"
@@ -92,19 +94,19 @@ class TeacherAdaptation(Finetuning):
     """Finetuning's loop (resume, guarded steps, checkpoints, TensorBoard, per-epoch validation, best kept)
     with an open_clip model, ClipLoss on image/prompt pairs and zero-shot evaluation."""
 
-    def __init__(self, cfg: AdaptConfig):  # noqa: super().__init__ builds a classifier: not wanted here
-        self.cfg, self.on_epoch = cfg, None
+    def __init__(self, cfg: AdaptConfig, env: distributed.DistEnv, stop: Optional[StopRequest] = None):
+        # Finetuning.__init__ builds a classifier, not wanted here: the skeleton's own set-up, then the teacher
+        TrainingJob.__init__(self, with_scaled_lr(cfg, cfg.data.batch_size, env.world_size), env, stop, cfg.debug)
+        cfg, self.on_epoch = self.cfg, None
         if cfg.aug.mixup or cfg.aug.cutmix or cfg.aug.smoothing:
             raise ValueError("aug.mixup, aug.cutmix and aug.smoothing have no meaning for contrastive "
                              "adaptation: set them to 0")
-        self.env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
-        self.device = distributed.default_device(self.env)
+        self.lr, self.max_nonfinite, self.batch_size = cfg.optim.lr, cfg.train.max_nonfinite, cfg.data.batch_size
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.run_dir = Path(cfg.run.output_dir)
         self.info = resolve_dataset(cfg.data.dataset, cfg.data.root, self.run_dir)
-        if self.info.task == "regression":
+        if self.info.task == REGRESSION:
             raise ValueError(f"{self.info.name} is a regression set: adaptation needs class labels")
-        self.task, self.primary = "single_label", "top1"
+        self.task, self.primary = SINGLE_LABEL, "top1"
         self.templates = list(resolve_templates(cfg.train.templates))
         seed_everything(cfg.run.seed)
         self.teacher = CLIPTeacher(cfg.teacher.arch, cfg.teacher.checkpoint)
@@ -115,10 +117,8 @@ class TeacherAdaptation(Finetuning):
         if cfg.train.vision_unlocked_groups is not None:
             model.lock_image_tower(unlocked_groups=cfg.train.vision_unlocked_groups)
         self.source = f"open_clip {self.teacher.arch} from {cfg.teacher.checkpoint}"
-        world, batch = self.env.world_size, cfg.data.batch_size
-        self.steps_per_epoch = max(1, self.info.sizes["train"] // (batch * cfg.optim.accum_steps * world))
+        self.steps_per_epoch = max(1, self.info.sizes["train"] // self.samples_per_step)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        cfg.optim.lr = scaled_lr(cfg.optim, batch, world)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in trainable)
         decay = [p for p in trainable if p.ndim >= 2]  # no weight decay on gains, biases, logit_scale
@@ -131,7 +131,7 @@ class TeacherAdaptation(Finetuning):
         train_view = make_transforms(self.teacher.image_size, cfg.aug)[0]
         balance = BalancedClasses(class_counts(self.info, self.info.classes)) if cfg.train.balanced else None
         self.train_transform = PromptedTransform(train_view, len(self.info.classes), balance)
-        self.eval_transform = LabelledTransform(center_view(self.teacher.image_size), "single_label",
+        self.eval_transform = LabelledTransform(center_view(self.teacher.image_size), SINGLE_LABEL,
                                                 len(self.info.classes))
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every)
         seed_everything(cfg.run.seed + 1000 * self.env.rank)
@@ -154,16 +154,18 @@ class TeacherAdaptation(Finetuning):
         loader = eval_loader(self.info, split, self.eval_transform, self.cfg.data)
         scores, targets, _ = predict_split(ZeroShotHead(self.teacher, text), loader, self.device, "fp32")
         self.teacher.model.train(was_training)
-        return compute_metrics("single_label", scores, targets, self.info.classes)
+        return compute_metrics(SINGLE_LABEL, scores, targets, self.info.classes)
 
-    def on_start(self, resumed: Dict[str, Any]) -> None:
+    def run_metadata(self) -> Dict[str, Any]:
+        return {"dataset": self.info.name, "task": self.task, "teacher": self.source,
+                "steps_per_epoch": self.steps_per_epoch}
+
+    def on_start(self, state: TrainState) -> None:
         self.teacher.model.train()
-        self.before = resumed.get("before") or {split: self.evaluate(split) for split in ("val", "test")}
+        self.before = state.extra.get("before") or {split: self.evaluate(split) for split in ("val", "test")}
+        state.extra.update(before=self.before, teacher_arch=self.teacher.arch)
         log.info("before adaptation: zero-shot val top1 %.4f, test top1 %.4f (%d trainable parameters)",
                  self.before["val"]["top1"], self.before["test"]["top1"], self.trainable)
-
-    def checkpoint_extra(self, resumed: Dict[str, Any]) -> Dict[str, Any]:
-        return {"before": self.before, "teacher_arch": self.teacher.arch}
 
     def save_best(self, metrics: Dict[str, Any], step: int) -> None:
         if self.env.is_main:
@@ -172,14 +174,17 @@ class TeacherAdaptation(Finetuning):
                                      "arch": self.teacher.arch})
         distributed.barrier()
 
-    def finish(self, step: int, best: Dict, history, logger) -> Dict[str, Any]:
+    def finish(self, state: TrainState, logger, guard, start: int, stopped: bool) -> Dict[str, Any]:
+        if stopped:
+            return {"final_step": state.step, "stopped": True}
+        best = state.best
         self.teacher.model.load_state_dict(load_file(str(self.run_dir / TEACHER_FILE)))
         test = self.evaluate("test")
-        logger.write_scalars(step, {"test/top1": test["top1"]})
+        logger.write_scalars(state.step, {"test/top1": test["top1"]})
         result = {"dataset": self.info.name, "teacher": dataclasses.asdict(self.cfg.teacher),
                   "teacher_file": str((self.run_dir / TEACHER_FILE).resolve()), "templates": self.templates,
-                  "final_step": step, "best_epoch": best["epoch"], "before": self.before,
-                  "after": {"val": best["val"], "test": test}, "history": history,
+                  "final_step": state.step, "best_epoch": best["epoch"], "before": self.before,
+                  "after": {"val": best["val"], "test": test}, "history": state.history, "train": state.summary,
                   "classes": self.info.classes, "world_size": self.env.world_size, "stopped": False}
         if self.env.is_main:
             atomic_write_json(self.run_dir / "metrics.json", result)

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_tools.registry import SINGLE_LABEL
 from pretrain.config import LossConfig, ModelConfig, TeacherConfig
 from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
 from runtime.atomic import atomic_write_json
 from runtime.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from runtime.config import config_from_dict, load_config
+from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.zeroshot")
 TEMPLATES = ("a photo that conveys {}.", "a photo that makes people feel {}.", "an image evoking {}.",
@@ -121,7 +123,7 @@ def evaluate(checkpoint: Optional[str], teacher: nn.Module, dataset: str, data: 
     from finetune.metrics import compute_metrics
     from pretrain.cache_teacher import center_view
     info = resolve_dataset(dataset, data, Path(run_dir))
-    if info.task != "single_label":
+    if info.task != SINGLE_LABEL:
         raise ValueError(f"zero-shot evaluation needs a single-label dataset; {info.name} is {info.task}")
     if checkpoint is None:
         embed, view = teacher.encode_image, center_view(teacher.image_size)
@@ -129,7 +131,7 @@ def evaluate(checkpoint: Optional[str], teacher: nn.Module, dataset: str, data: 
         encoder = ZeroShotEncoder(checkpoint)
         embed, view = encoder, make_transforms(encoder.img_size, AugmentConfig(crop_pct=crop_pct))[1]
     text = label_embeddings(teacher, info.classes, templates)
-    result: Dict[str, Any] = {"dataset": info.name, "task": "single_label", "primary_metric": "top1",
+    result: Dict[str, Any] = {"dataset": info.name, "task": SINGLE_LABEL, "primary_metric": "top1",
                               "encoder_source": "zero-shot: " + ("teacher" if checkpoint is None else "student"),
                               "chance": 1 / len(info.classes), "classes": info.classes, "templates": list(templates)}
     for split in splits:
@@ -139,7 +141,7 @@ def evaluate(checkpoint: Optional[str], teacher: nn.Module, dataset: str, data: 
         for batch in loader:
             scores.append(zero_shot_scores(embed(batch["image"]), text))
             targets.append(torch.as_tensor(batch["target"]))
-        result[split] = compute_metrics("single_label", torch.cat(scores).numpy(), torch.cat(targets).numpy(),
+        result[split] = compute_metrics(SINGLE_LABEL, torch.cat(scores).numpy(), torch.cat(targets).numpy(),
                                         info.classes)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(run_dir) / "zeroshot.json", result)
@@ -160,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="score the teacher's image embedding instead of the student's")
     add_teacher_args(parser, "the teacher's weights file (default: the run's)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     teacher = make_teacher(teacher_config_from_args(args, load_checkpoint(args.checkpoint)["config"]["teacher"]))
     result = evaluate(None if args.teacher_only else args.checkpoint, teacher, args.dataset, args.data, args.out,
                       templates=resolve_templates(args.templates), crop_pct=args.crop_pct, splits=args.splits)

@@ -29,6 +29,7 @@ from data_tools.tars import read_tar
 from data_tools.writer import atomic_tar
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD, add_teacher_args, make_teacher, teacher_config_from_args
 from runtime.atomic import atomic_write_json
+from runtime.logs import setup_logging
 
 log = logging.getLogger("pretrain.cache_teacher")
 
@@ -124,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     teacher = make_teacher(teacher_config_from_args(args))
     stats = cache_teacher(args.shards, teacher, args.out, args.batch_size, args.dtype, args.device)
     log.info("teacher cache: %d shards, %d samples -> %s", len(stats), sum(s["samples"] for s in stats), args.out)

@@ -9,15 +9,18 @@ if __package__ in (None, ""):  # run as a file (torchrun pretrain/main.py): make
 
 from pretrain.config import PretrainConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
-from runtime.guard import NonFiniteLossError  # noqa: E402
+from runtime import distributed  # noqa: E402
+from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
 from runtime.loop import run_job  # noqa: E402
 
 log = logging.getLogger("pretrain")
 
 
-def pretrain(cfg: PretrainConfig) -> int:
+def pretrain(cfg: PretrainConfig, stop: StopRequest) -> int:
     from pretrain.engine import EXIT_STOPPED, Pretraining
-    return EXIT_STOPPED if Pretraining(cfg).run()["stopped"] else 0
+    env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s,
+                                       always=cfg.train.strategy == "deepspeed")  # DeepSpeed wants a group of one
+    return EXIT_STOPPED if Pretraining(cfg, env, stop).run()["stopped"] else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

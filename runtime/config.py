@@ -85,6 +85,12 @@ def scaled_lr(optim: OptimConfig, batch_per_rank: int, world_size: int) -> float
     return optim.blr * batch_per_rank * optim.accum_steps * world_size / 256
 
 
+def with_scaled_lr(cfg: Any, batch_per_rank: int, world_size: int) -> Any:
+    """A copy of cfg with optim.lr resolved (scaled_lr): the run's config, made once, never mutated after."""
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim,
+                                                              lr=scaled_lr(cfg.optim, batch_per_rank, world_size)))
+
+
 class _Override(str):
     """A value typed on the command line: parsed by the target field's type, not by YAML's guesses."""
 

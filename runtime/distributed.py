@@ -197,23 +197,3 @@ def param_checksums(module: torch.nn.Module) -> list:
         h.update(name.encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return all_gather_object(h.hexdigest())
-
-
-class _RankFilter(logging.Filter):
-    def __init__(self, rank: int):
-        super().__init__()
-        self.rank = rank
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = self.rank
-        return True
-
-
-def setup_logging(rank: int = 0, all_ranks: bool = False, level: int = logging.INFO) -> None:
-    """Console logging with the rank in each line; ranks other than 0 only warn unless all_ranks."""
-    handler = logging.StreamHandler()
-    handler.addFilter(_RankFilter(rank))
-    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)d] %(name)s: %(message)s", "%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level if rank == 0 or all_ranks else max(level, logging.WARNING))

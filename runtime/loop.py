@@ -12,8 +12,9 @@ import torch
 from runtime import distributed
 from runtime.checkpoint import CheckpointStore, decide_resume
 from runtime.config import ConfigError, config_to_dict, parse_cli, write_run_metadata
-from runtime.guard import StepGuard
+from runtime.guard import StepGuard, StopRequest
 from runtime.launcher_watch import exit_with_launcher
+from runtime.logs import setup_logging
 from runtime.precision import autocast
 from runtime.seeding import capture_rng_state, restore_rng_state
 
@@ -36,9 +37,11 @@ def run_as_script(main: Callable[[], int], what: str) -> None:
 
 
 def run_job(schema: type, argv: Optional[Sequence[str]], description: str, log: logging.Logger,
-            job: Callable[[Any], int], expected: Tuple[type, ...] = (), traced: Tuple[type, ...] = ()) -> int:
+            job: Callable[[Any, StopRequest], int], expected: Tuple[type, ...] = (),
+            traced: Tuple[type, ...] = ()) -> int:
     """A trainer's main(): its config from the command line (a config error exits 2), logging per rank, the
-    launcher watch, then job(cfg) -> exit status. Errors in `expected` are bad input, logged in one line, and
+    launcher watch, the SIGTERM/SIGUSR1 handlers (a stop request at the next step), then job(cfg, stop) -> exit
+    status; the job starts its process group itself. Errors in `expected` are bad input, logged in one line, and
     those in `traced` with their traceback; both exit 3. The process group is shut down on every path."""
     try:
         cfg, _ = parse_cli(schema, argv, description=description)
@@ -46,10 +49,11 @@ def run_job(schema: type, argv: Optional[Sequence[str]], description: str, log: 
         print(f"config error: {e}", file=sys.stderr)
         return 2
     env = distributed.resolve_env()
-    distributed.setup_logging(env.rank)
+    setup_logging(env.rank)
     exit_with_launcher(env.launcher)
+    stop = StopRequest().install()
     try:
-        status = job(cfg)
+        status = job(cfg, stop)
         distributed.shutdown(wait_for_peers=True)
         return status
     except expected + traced as e:

@@ -6,11 +6,10 @@ Run it on a new cluster before a long job: it proves the rendezvous, gradient al
 resume from `latest` and event files work there. It ends by checking every rank holds identical weights and
 writes `smoke_result.json` into the run directory.
 """
+import itertools
 import logging
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +17,14 @@ from torch import nn
 
 from runtime import distributed
 from runtime.atomic import atomic_write_json
-from runtime.checkpoint import CheckpointStore, decide_resume
-from runtime.config import OptimConfig, RunConfig, config_to_dict, config_to_yaml, scaled_lr, \
-    write_run_metadata
+from runtime.checkpoint import CheckpointStore
+from runtime.config import DebugConfig, OptimConfig, RunConfig, with_scaled_lr
+from runtime.guard import StopRequest
 from runtime.loop import run_job
-from runtime.metric_logger import MetricLogger
 from runtime.optim import adamw
-from runtime.schedule import warmup_cosine_lr
-from runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
+from runtime.seeding import seed_everything
 from runtime.strategy import DDPStrategy
+from runtime.training import TrainingJob, TrainState
 
 log = logging.getLogger("runtime.smoke")
 
@@ -52,75 +50,60 @@ def make_batch(cfg: SmokeConfig, step: int, rank: int, micro: int) -> Tuple[torc
     return x, torch.tanh(x @ w)
 
 
-def train(cfg: SmokeConfig) -> Dict[str, object]:
+class SmokeRun(TrainingJob):
+    """The tiny regression net through the same skeleton the trainers run (guarded steps, checkpoints, resume)."""
+
+    name = "smoke run"
+
+    def __init__(self, cfg: SmokeConfig, env: distributed.DistEnv, stop: Optional[StopRequest] = None):
+        super().__init__(with_scaled_lr(cfg, cfg.batch_size, env.world_size), env, stop,
+                         DebugConfig(step_sleep_s=cfg.step_sleep_s))
+        cfg = self.cfg
+        self.lr, self.batch_size = cfg.optim.lr, cfg.batch_size
+        self.steps_per_epoch, self.total_steps = cfg.steps_per_epoch, cfg.steps
+        seed_everything(cfg.run.seed)
+        model = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.dim))
+        optimizer = adamw(model.parameters(), cfg.optim)
+        self.strategy = DDPStrategy(model, optimizer, self.device, cfg.optim.accum_steps, cfg.optim.clip_grad)
+        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every)
+        self.windows: List[Dict[str, float]] = []  # this process's log windows, for the result file
+
+    def window_scalars(self, state: TrainState, window: Dict[str, float], lr: float) -> Dict[str, float]:
+        scalars = super().window_scalars(state, window, lr)
+        self.windows.append({"step": state.step, **window, **scalars})
+        return scalars
+
+    def batches(self, start_step: int) -> Iterator[Dict[str, torch.Tensor]]:
+        for step in itertools.count(start_step + 1):
+            for micro in range(self.cfg.optim.accum_steps):
+                x, y = make_batch(self.cfg, step, self.env.rank, micro)
+                yield {"x": x, "y": y}
+
+    def forward(self, model, batch):
+        return F.mse_loss(model(batch["x"]), batch["y"]), {}, None
+
+    def run_metadata(self) -> Dict[str, object]:
+        return {}
+
+    def finish(self, state: TrainState, logger, guard, start: int, stopped: bool) -> Dict[str, object]:
+        checksums = distributed.param_checksums(self.strategy.module)
+        result = {"final_step": state.step, "resumed_from_step": start, "world_size": self.env.world_size,
+                  "param_checksums": checksums, "ranks_in_sync": len(set(checksums)) == 1,
+                  "stopped": stopped, "windows": self.windows, "history": state.summary}
+        if self.env.is_main:
+            atomic_write_json(self.run_dir / "smoke_result.json", result)
+            log.info("smoke run done: step %d, %d ranks, weights identical on all ranks: %s",
+                     result["final_step"], self.env.world_size, result["ranks_in_sync"])
+        return result
+
+
+def smoke(cfg: SmokeConfig, stop: StopRequest) -> int:
     env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
-    device = distributed.default_device(env)
-    run_dir = Path(cfg.run.output_dir)
-    seed_everything(cfg.run.seed)
-    model = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.dim))
-    cfg.optim.lr = scaled_lr(cfg.optim, cfg.batch_size, env.world_size)
-    optimizer = adamw(model.parameters(), cfg.optim)
-    strategy = DDPStrategy(model, optimizer, device, cfg.optim.accum_steps, cfg.optim.clip_grad)
-    store = CheckpointStore(run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every)
-    if env.is_main:
-        store.clean_partials()
-        write_run_metadata(run_dir, cfg, world_size=env.world_size, launcher=env.launcher)
-    distributed.barrier()
-
-    start_step = 0
-    resume_from = decide_resume(cfg.run.resume, store)
-    if resume_from is not None:
-        state = strategy.load_checkpoint(resume_from)
-        start_step = state["step"]
-        if len(state["rng"]) == env.world_size:
-            restore_rng_state(state["rng"][env.rank])
-        log.info("resumed from %s at step %d", resume_from, start_step)
-
-    logger = MetricLogger(run_dir / "tb", every=cfg.run.log_every, device=device)
-    logger.text("config", "```\n" + config_to_yaml(cfg) + "```", start_step)
-    windows: List[Dict[str, float]] = []
-    for step in range(start_step + 1, cfg.steps + 1):
-        lr = warmup_cosine_lr(step / cfg.steps_per_epoch, cfg.optim.lr, cfg.optim.min_lr,
-                              cfg.optim.warmup_epochs, cfg.steps / cfg.steps_per_epoch)
-        strategy.set_lr(lr)
-        data_time = 0.0
-        for micro in range(cfg.optim.accum_steps):
-            t0 = time.perf_counter()
-            x, y = (t.to(device) for t in make_batch(cfg, step, env.rank, micro))
-            data_time += time.perf_counter() - t0
-            with strategy.accumulate(boundary=micro == cfg.optim.accum_steps - 1):
-                loss = F.mse_loss(strategy.model(x), y)
-                strategy.backward(loss)
-        grad_norm = strategy.step()
-        window = logger.update(step, samples=cfg.batch_size * cfg.optim.accum_steps, data_time=data_time,
-                               loss=loss, grad_norm=grad_norm)
-        if window:
-            logger.write_scalars(step, {"train/lr": lr})
-            windows.append({"step": step, **window})
-        if step % cfg.run.ckpt_every == 0 or step == cfg.steps:
-            rng = distributed.all_gather_object(capture_rng_state())
-            strategy.save_checkpoint(store, step, {
-                "step": step, "epoch": step / cfg.steps_per_epoch,
-                "samples_seen": step * cfg.batch_size * cfg.optim.accum_steps * env.world_size,
-                "scheduler": {"name": "warmup_cosine", "steps_per_epoch": cfg.steps_per_epoch},
-                "scaler": None, "rng": rng, "config": config_to_dict(cfg)})
-        if cfg.step_sleep_s:
-            time.sleep(cfg.step_sleep_s)
-    logger.close()
-
-    checksums = distributed.param_checksums(strategy.module)
-    result = {"final_step": max(start_step, cfg.steps), "resumed_from_step": start_step,
-              "world_size": env.world_size, "param_checksums": checksums,
-              "ranks_in_sync": len(set(checksums)) == 1, "windows": windows}
-    if env.is_main:
-        atomic_write_json(run_dir / "smoke_result.json", result)
-        log.info("smoke run done: step %d, %d ranks, weights identical on all ranks: %s",
-                 result["final_step"], env.world_size, result["ranks_in_sync"])
-    return result
+    return 0 if SmokeRun(cfg, env, stop).run()["ranks_in_sync"] else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_job(SmokeConfig, argv, __doc__, log, lambda cfg: 0 if train(cfg)["ranks_in_sync"] else 1)
+    return run_job(SmokeConfig, argv, __doc__, log, smoke)
 
 
 if __name__ == "__main__":

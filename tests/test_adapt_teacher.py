@@ -91,11 +91,11 @@ def test_a_killed_run_resumes_and_finishes(shards, tmp_path):
     assert proc.poll() is None, proc.stdout.read()[-3000:]
     kill_tree(proc.pid)
     killed = load_checkpoint(out)
-    assert 3 <= killed["step"] < 27 and "before" in killed
+    assert 3 <= killed["step"] < 27 and "before" in killed["extra"]
     done = run_torchrun(2, *adapt_args(shards, out, "train.epochs=3", "run.ckpt_every=3"))
     assert "resumed from" in done.stdout + done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["final_step"] == 27 and metrics["before"] == killed["before"]  # measured once, kept
+    assert metrics["final_step"] == 27 and metrics["before"] == killed["extra"]["before"]  # measured once, kept
     # train.freeze_text (the default) kept the text tower as it started; the image tower learned
     seed_everything(0)  # run.seed: the random teacher the run started from
     start = CLIPTeacher(TINY_CLIP, "random").model.state_dict()

@@ -13,6 +13,7 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from data_tools.registry import UnknownDatasetError
 from data_tools.schema import encode_record, make_record
+from runtime.distributed import resolve_env
 from finetune.config import EncoderConfig, FinetuneConfig
 from finetune.encoder import create_encoder
 from finetune.linear_probe import LinearProbe
@@ -174,7 +175,7 @@ def test_linear_probe(emotion6, tmp_path):
                       ["data.dataset=Emotion6", f"data.root={emotion6}", f"run.output_dir={tmp_path}",
                        "encoder.from_scratch=true", "train.mode=linear_probe", "train.probe_epochs=30",
                        "data.num_workers=0", "train.probe_lrs=[0.01,0.1,1.0]"])
-    result = LinearProbe(cfg).run()
+    result = LinearProbe(cfg, resolve_env()).run()
     assert result["best_lr"] in (0.01, 0.1, 1.0) and set(result["val_by_lr"]) == {"0.01", "0.1", "1.0"}
     assert result["val"]["top1"] == max(result["val_by_lr"].values())
     assert result["test"]["top1"] > 1 / 6 + 0.2  # random frozen features still separate tints linearly
@@ -206,3 +207,9 @@ def test_bad_input(emotion6, tmp_path, capsys):
     generic = make_pretrain_shards(tmp_path / "toy", per_class=10, shards=2)  # shards of the generic 'toy'
     with pytest.raises(ValueError, match="--dataset 'Emotion6' does not match .* which hold 'toy'"):
         resolve_dataset("Emotion6", str(Path(generic).parent.parent), tmp_path / "run")
+    crawled = tmp_path / "crawled"  # unlabelled web shards (data_tools crawl): pretraining only
+    crawled.mkdir()
+    (crawled / "info.json").write_text(json.dumps({"dataset": "web", "task": "unlabelled", "classes": [],
+                                                   "splits": {"train": {"samples": 4}}}))
+    with pytest.raises(ValueError, match=r"crawled/info.json: task 'unlabelled' cannot be fine-tuned on"):
+        resolve_dataset("web", str(crawled), tmp_path / "run")

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.distributed import resolve_env
 from finetune.config import FinetuneConfig
 from finetune.linear_probe import LinearProbe
 from pretrain.cache_teacher import cache_teacher
@@ -23,7 +24,7 @@ def linear_probe(shards: Path, out: Path, *encoder: str) -> float:
     cfg = load_config(FinetuneConfig, REPO / "configs/finetune/demo.yaml",
                       ["data.dataset=fashion", f"data.root={shards}", f"run.output_dir={out}", "data.num_workers=0",
                        "train.mode=linear_probe", *encoder])
-    return LinearProbe(cfg).run()["test"]["top1"]
+    return LinearProbe(cfg, resolve_env()).run()["test"]["top1"]
 
 
 def test_distilled_encoder_beats_a_random_one_in_a_linear_probe(tmp_path):
@@ -33,7 +34,7 @@ def test_distilled_encoder_beats_a_random_one_in_a_linear_probe(tmp_path):
         f"data.train=[{train}]", f"data.teacher_cache={tmp_path / 'cache'}", f"run.output_dir={tmp_path / 'pre'}",
         "data.num_workers=1", "train.epochs=10", "optim.warmup_epochs=1"])
     cache_teacher([train], make_teacher(pretrain_cfg.teacher), str(tmp_path / "cache"), dtype="float32")
-    result = Pretraining(pretrain_cfg).run()
+    result = Pretraining(pretrain_cfg, resolve_env()).run()
     assert result["final_step"] == 10 * (600 // 32)
     distilled = linear_probe(shards, tmp_path / "probe_distilled", f"encoder.checkpoint={tmp_path / 'pre'}")
     random_init = linear_probe(shards, tmp_path / "probe_random", "encoder.from_scratch=true")

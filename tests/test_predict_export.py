@@ -7,8 +7,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from runtime.distributed import resolve_env
 from finetune.config import EncoderConfig, FinetuneConfig
 from finetune.encoder import create_encoder
+from finetune.data import patch_timm_posterize
 from finetune.engine import Finetuning
 from finetune.export import TIMM_BASE, export_classifier, export_encoder, read_export
 from finetune.predict import Predictor, main as predict_main
@@ -40,7 +42,8 @@ def setup(tmp_path_factory):
                          ["data.dataset=Emotion6", f"data.root={root / 'shards'}", f"run.output_dir={root / 'ft'}",
                           f"encoder.checkpoint={root / 'pre'}", "train.epochs=2", "data.num_workers=0",
                           "data.batch_size=8"])
-    Finetuning(ft_cfg).run()
+    patch_timm_posterize()  # what finetune/main.py does before training with RandAugment
+    Finetuning(ft_cfg, resolve_env()).run()
     return {"root": root, "teacher": teacher, "pre": pre}
 
 

@@ -83,6 +83,12 @@ def test_tensorboard_scalars_and_reconstructions(ddp_run):
     assert [line["step"] for line in lines] == [5, 10, 15, 20]
     assert [line["train/loss"] for line in lines] == pytest.approx(total, rel=1e-6)
     assert [line["train/samples_seen"] for line in lines] == [80, 160, 240, 320]
+    # result.json: the whole history's summary, and the last window
+    summary = json.loads((ddp_run / "result.json").read_text())
+    assert summary["history"]["train/loss"] == pytest.approx(
+        {"count": 4, "first": total[0], "last": total[-1], "min": min(total), "max": max(total),
+         "mean": sum(total) / 4}, rel=1e-6)
+    assert summary["last_window"]["step"] == 20 and summary["last_window"]["train/loss"] == pytest.approx(total[-1])
 
 
 @pytest.mark.parametrize("stage", [1, 2])

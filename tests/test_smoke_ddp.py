@@ -29,6 +29,9 @@ def test_two_ranks_train_to_identical_weights(reference_run):
     assert result["ranks_in_sync"] and len(set(result["param_checksums"])) == 1
     losses = [w["train/loss"] for w in result["windows"]]
     assert losses[-1] < 0.5 * losses[0], losses
+    summary = result["history"]["train/loss"]  # result files keep the whole history's summary
+    assert summary == pytest.approx({"count": 8, "first": losses[0], "last": losses[-1], "min": min(losses),
+                                     "max": max(losses), "mean": sum(losses) / 8})
     store = CheckpointStore(reference_run / "checkpoints")
     assert [s for s, _ in store.checkpoints()] == [30, 40]  # keep_last: 2
     state = load_checkpoint(reference_run)
@@ -82,4 +85,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, tmp_path):
     assert resumed["step"] == reference["step"] == 40
     for name, tensor in reference["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
+    # the summary of the whole history came through the checkpoint's TrainState: the same as the reference's
+    whole = json.loads((reference_run / "smoke_result.json").read_text())["history"]
+    for stat in ("count", "first", "last", "min", "max", "mean"):
+        assert result["history"]["train/loss"][stat] == pytest.approx(whole["train/loss"][stat], rel=1e-5), stat
     assert not any(p.name.startswith(".partial-") for p in (out / "checkpoints").iterdir())

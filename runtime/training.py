@@ -1,0 +1,209 @@
+"""The training skeleton every trainer runs: resume, guarded optimizer steps, checkpoints holding one TrainState,
+metrics to TensorBoard and metrics.jsonl, and a summary of the whole run's log windows."""
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from runtime import distributed
+from runtime.checkpoint import CheckpointStore
+from runtime.config import DebugConfig, config_to_yaml
+from runtime.guard import StepGuard, StopRequest
+from runtime.loop import StepResult, inject_faults, optimizer_step, prepare_run, resume_run, save_run
+from runtime.metric_logger import MetricLogger
+from runtime.schedule import warmup_cosine_lr
+
+log = logging.getLogger(__name__)
+
+
+def no_best() -> Dict[str, Any]:
+    return {"epoch": None, "metric": None, "val": None}
+
+
+@dataclass
+class TrainState:
+    """Where a run is, beyond weights, optimizer and RNG: saved into every checkpoint and restored as one object.
+    `history` holds the job's per-epoch evaluations, `summary` every logged scalar over all windows so far,
+    `extra` what the job itself must find again on resume (the encoder's arch, the classes, ...)."""
+    steps_per_epoch: int
+    total_steps: int
+    samples_per_step: int
+    seed: int = 0
+    step: int = 0
+    best: Dict[str, Any] = field(default_factory=no_best)
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    summary: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    @property
+    def samples_seen(self) -> int:
+        return self.step * self.samples_per_step
+
+    def record_window(self, scalars: Dict[str, float]) -> None:
+        """Fold one log window into the summary: count, first, last, min, max and mean of each scalar."""
+        for name, value in scalars.items():
+            value = float(value)
+            s = self.summary.get(name)
+            if s is None:
+                self.summary[name] = {"count": 1, "first": value, "last": value, "min": value, "max": value,
+                                      "mean": value}
+                continue
+            s["count"] += 1
+            s["mean"] += (value - s["mean"]) / s["count"]
+            s["last"], s["min"], s["max"] = value, min(s["min"], value), max(s["max"], value)
+
+    def to_dict(self) -> Dict[str, Any]:
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        return {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
+                "data": {"seed": self.seed, "epoch": epoch, "step_in_epoch": in_epoch},
+                "scheduler": {"name": "warmup_cosine", "steps_per_epoch": self.steps_per_epoch,
+                              "total_steps": self.total_steps},
+                "best": self.best, "history": self.history, "summary": self.summary, "extra": self.extra}
+
+    def restore(self, saved: Dict[str, Any]) -> "TrainState":
+        """This state at the saved one's position (the schedule stays this run's: it is derived from the config)."""
+        self.step = int(saved["step"])
+        self.best = saved.get("best") or no_best()
+        self.history = list(saved.get("history") or [])
+        self.summary = dict(saved.get("summary") or {})
+        self.extra = dict(saved.get("extra") or {})
+        return self
+
+
+class TrainingJob:
+    """One training job on this rank. A subclass builds its parts in __init__ (after `super().__init__`): the
+    strategy, store, steps_per_epoch, total_steps and batch_size, and says what a step computes (`batches`,
+    `forward`); hooks let it evaluate, log more or write its results. `run()` trains to the last step or a stop."""
+
+    name = "training"
+    max_nonfinite = 3
+    input_dtype: Optional[torch.dtype] = None
+
+    def __init__(self, cfg: Any, env: distributed.DistEnv, stop: Optional[StopRequest] = None,
+                 debug: Optional[DebugConfig] = None):
+        self.cfg, self.env = cfg, env
+        self.stop = stop or StopRequest()
+        self.debug = debug or DebugConfig()
+        self.device = distributed.default_device(env)
+        self.run_dir = Path(cfg.run.output_dir)
+        self.precision = "fp32"
+        self.state: Optional[TrainState] = None
+        # set by the subclass
+        self.strategy: Any = None
+        self.store: Optional[CheckpointStore] = None
+        self.steps_per_epoch = self.total_steps = self.batch_size = 1
+        self.lr = 0.0
+
+    # what a subclass says
+    def batches(self, start_step: int) -> Iterator[Dict[str, Any]]:
+        """Micro-batches from start_step on; the returned generator is closed when the loop ends."""
+        raise NotImplementedError
+
+    def forward(self, model: torch.nn.Module, batch: Dict[str, Any]):
+        """(loss, {term: value}, anything else) of one micro-batch."""
+        raise NotImplementedError
+
+    def prepare(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """A micro-batch once on the device (e.g. uint8 images -> normalised floats)."""
+        return batch
+
+    def run_metadata(self) -> Dict[str, Any]:
+        """What meta.json records besides config and launcher."""
+        return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
+
+    def on_start(self, state: TrainState) -> None:
+        """Every rank, once resumed (or fresh), before the first step."""
+
+    def on_first_batch(self, batch: Dict[str, Any]) -> None:
+        """The first micro-batch this process trains on, on the device."""
+
+    def after_step(self, state: TrainState, done: StepResult, logger: MetricLogger) -> None:
+        """After each optimizer step and its metrics, before the checkpoint decision (e.g. evaluate)."""
+
+    def window_scalars(self, state: TrainState, window: Dict[str, float], lr: float) -> Dict[str, float]:
+        return {"train/lr": lr, "train/epoch": state.epoch, "train/samples_seen": state.samples_seen}
+
+    def checkpoint_due(self, step: int) -> bool:
+        return step % self.cfg.run.ckpt_every == 0 or step == self.total_steps
+
+    def close(self) -> None:
+        """The loop is over (normally, by a stop or an error): release what on_start opened."""
+
+    def finish(self, state: TrainState, logger: MetricLogger, guard: StepGuard, start: int,
+               stopped: bool) -> Dict[str, Any]:
+        """Results of the run (every rank calls it; rank 0 writes files)."""
+        return {"final_step": state.step, "stopped": stopped}
+
+    # the skeleton
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.cfg.optim.accum_steps * self.env.world_size
+
+    def lr_at(self, step: int) -> float:
+        optim = self.cfg.optim
+        return warmup_cosine_lr(step / self.steps_per_epoch, self.lr, optim.min_lr, optim.warmup_epochs,
+                                self.total_steps / self.steps_per_epoch)
+
+    def resume(self) -> TrainState:
+        """Rank 0 cleans up and records the run, then the latest checkpoint (rank 0 decides) is restored."""
+        prepare_run(self.run_dir, self.store, self.cfg, self.env, **self.run_metadata())
+        state = TrainState(self.steps_per_epoch, self.total_steps, self.samples_per_step, self.cfg.run.seed)
+        saved = resume_run(self.cfg.run.resume, self.store, self.strategy, self.env)
+        return state.restore(saved) if saved else state
+
+    def save(self, state: TrainState) -> None:
+        save_run(self.store, self.strategy, state.step, self.cfg, state.to_dict())
+
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        state = self.state = self.resume()
+        start = state.step
+        self.on_start(state)
+        logger = MetricLogger(self.run_dir / "tb", every=cfg.run.log_every, device=self.device)
+        if start == 0:
+            logger.text("config", "```\n" + config_to_yaml(cfg) + "```")
+        guard = StepGuard(self.max_nonfinite, self.device, self.stop)
+        accum = cfg.optim.accum_steps
+        stream = self.batches(start)
+        stopped = False
+        try:
+            while state.step < self.total_steps and not stopped:
+                state.step += 1
+                lr = self.lr_at(state.step)
+                self.strategy.set_lr(lr)
+                done = optimizer_step(self.strategy, stream, self.forward, guard, state.step, accum, self.precision,
+                                      self.device, self.input_dtype,
+                                      on_loss=lambda loss, s: inject_faults(self.debug, loss, s, self.env.rank),
+                                      on_first_batch=self.on_first_batch if state.step == start + 1 else None,
+                                      prepare=self.prepare)
+                stopped = done.stop
+                values = {} if done.skipped else {"loss": done.loss.detach(),
+                                                  **{f"loss_{k}": v.detach() for k, v in done.terms.items()}}
+                window = logger.update(state.step, samples=self.batch_size * accum, data_time=done.data_time,
+                                       **values, grad_norm=done.grad_norm.to(self.device),
+                                       corrupt_samples=float(done.corrupt), skipped_steps=float(done.skipped))
+                if window:
+                    scalars = self.window_scalars(state, window, lr)
+                    logger.write_scalars(state.step, scalars)
+                    state.record_window({"step": state.step, **window, **scalars})
+                self.after_step(state, done, logger)
+                if self.checkpoint_due(state.step) or stopped:
+                    self.save(state)
+                if self.debug.step_sleep_s:
+                    time.sleep(self.debug.step_sleep_s)
+        finally:
+            stream.close()  # shuts the loader's workers down now, not at interpreter exit (where they would hang)
+            self.close()
+        result = self.finish(state, logger, guard, start, stopped)
+        logger.close()
+        if stopped:
+            log.warning("%s stopped by %s at step %d after saving a checkpoint; rerun (or requeue) to resume",
+                        self.name, guard.signal_name, state.step)
+        return result
