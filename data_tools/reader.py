@@ -19,7 +19,7 @@ from webdataset.filters import _shuffle
 
 from data_tools.images import ImageError, load_rgb
 from data_tools.remote import URL_TIMEOUT_S, shard_name
-from data_tools.tar_stream import COUNTER, tar_samples
+from data_tools.tar_stream import CorruptCounter, tar_samples
 from runtime.launcher_watch import die_with_parent
 
 LOADER_TIMEOUT_S = 900     # a worker that delivers no batch for this long is an error, never a silent hang
@@ -100,7 +100,7 @@ def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int, segme
     return stage
 
 
-def attach_sidecar(sidecar_dir: str):
+def attach_sidecar(sidecar_dir: str, counter: CorruptCounter):
     """Add the arrays of a sidecar shard (same file name in `sidecar_dir`, same keys: e.g. the teacher cache's
     `clip_image.npy`, `clip_text.npy`) to each sample as sample["sidecar"]["clip_image"], ...; a sample without
     its sidecar entry is counted and dropped."""
@@ -116,19 +116,19 @@ def attach_sidecar(sidecar_dir: str):
                 current = url
                 members, error = read_tar(Path(sidecar_dir) / shard_name(url))
                 if error:
-                    COUNTER.add("bad_sidecar", f"{sidecar_dir}/{shard_name(url)}: {error}")
+                    counter.add("bad_sidecar", f"{sidecar_dir}/{shard_name(url)}: {error}")
                 arrays = {k: {ext.removesuffix(".npy"): np.load(io.BytesIO(b)) for ext, b in v.items()}
                           for k, v in members.items()}
             extra = arrays.get(sample["__key__"])
             if extra is None:
-                COUNTER.add("missing_sidecar", f"{url}:{sample['__key__']} not in {sidecar_dir}")
+                counter.add("missing_sidecar", f"{url}:{sample['__key__']} not in {sidecar_dir}")
                 continue
             sample["sidecar"] = extra
             yield sample
     return stage
 
 
-def decode_samples(image_format: str = "pil"):
+def decode_samples(counter: CorruptCounter, image_format: str = "pil"):
     """Raw tar members -> {'__key__', '__url__', 'image', 'meta'}; unusable samples are dropped and counted.
     image_format: 'pil' (decoded RGB), 'lazy' (opened, decoded by the transform: data_tools.crops can then decode
     a JPEG at draft scale; broken data are counted there) or 'torchvision' (uint8 CHW tensor)."""
@@ -139,10 +139,10 @@ def decode_samples(image_format: str = "pil"):
         for sample in src:
             where = f"{sample.get('__url__')}:{sample.get('__key__')}"
             if "json" not in sample:
-                COUNTER.add("missing_json", where)
+                counter.add("missing_json", where)
                 continue
             if "jpg" not in sample:
-                COUNTER.add("missing_image", where)
+                counter.add("missing_image", where)
                 continue
             try:
                 meta = json.loads(sample["json"])
@@ -154,7 +154,7 @@ def decode_samples(image_format: str = "pil"):
                     image = decode_image(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8),
                                          mode=ImageReadMode.RGB)
             except Exception as e:  # any undecodable member is a corrupt sample, never a crash
-                COUNTER.add("corrupt_sample", f"{where}: {type(e).__name__}: {e}")
+                counter.add("corrupt_sample", f"{where}: {type(e).__name__}: {e}")
                 continue
             out = {"__key__": sample["__key__"], "__url__": sample.get("__url__"), "image": image, "meta": meta}
             if "sidecar" in sample:
@@ -163,7 +163,7 @@ def decode_samples(image_format: str = "pil"):
     return stage
 
 
-def transform_samples(transform: Callable[[Dict[str, Any]], Dict[str, Any]]):
+def transform_samples(transform: Callable[[Dict[str, Any]], Dict[str, Any]], counter: CorruptCounter):
     """The trainer's transform on each decoded sample; a sample it rejects (a record field of the wrong type or out
     of range, a box it cannot crop) is counted and dropped, one it returns None for is skipped uncounted.
     MAX_FAILED_SAMPLES rejections in a row are an error: the transform or the kind of shards is wrong, not one
@@ -174,10 +174,10 @@ def transform_samples(transform: Callable[[Dict[str, Any]], Dict[str, Any]]):
             try:
                 out = transform(sample)
             except ImageError as e:  # a lazily decoded image whose data are broken: corrupt, like at decode
-                COUNTER.add("corrupt_sample", f"{sample.get('__url__')}:{sample.get('__key__')}: {e}")
+                counter.add("corrupt_sample", f"{sample.get('__url__')}:{sample.get('__key__')}: {e}")
                 continue
             except Exception as e:
-                COUNTER.add("bad_sample", f"{sample.get('__url__')}:{sample.get('__key__')}: {type(e).__name__}: {e}")
+                counter.add("bad_sample", f"{sample.get('__url__')}:{sample.get('__key__')}: {type(e).__name__}: {e}")
                 failed += 1
                 if failed >= MAX_FAILED_SAMPLES:
                     raise RuntimeError(f"the transform rejected {failed} samples in a row, the last "
@@ -204,7 +204,7 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     return batch
 
 
-def batch_with_counts(batch_size: int, partial: bool):
+def batch_with_counts(batch_size: int, partial: bool, counter: CorruptCounter):
     """Batches of the transformed samples; each carries `corrupt`, the samples dropped since the last batch.
 
     One batch is held back until the next is complete (or the stream ends), so samples dropped after the
@@ -217,14 +217,14 @@ def batch_with_counts(batch_size: int, partial: bool):
             buf.append(sample)
             if len(buf) == batch_size:
                 if held is not None:
-                    yield {**held, "corrupt": COUNTER.take()}
+                    yield {**held, "corrupt": counter.take()}
                 held, buf = collate(buf), []
         if buf and partial:
             if held is not None:
                 yield {**held, "corrupt": 0}
             held = collate(buf)
         if held is not None:
-            yield {**held, "corrupt": COUNTER.take()}
+            yield {**held, "corrupt": counter.take()}
     return stage
 
 
@@ -320,12 +320,13 @@ def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, bat
     if resampled and not batches_per_epoch:
         raise ValueError("resampled shards are endless: give batches_per_epoch")
     epoch = epoch or SharedEpoch()
+    counter = CorruptCounter()
     stages = [ShardList(sources, weights, resampled, seed, epoch, rank, world_size, segment),
-              tar_samples(url_timeout_s)]
+              tar_samples(counter, url_timeout_s)]
     if sidecar_dir:
-        stages.append(attach_sidecar(sidecar_dir))
-    stages += [seeded_shuffle(shuffle_buffer, seed, epoch, rank, segment), decode_samples(image_format),
-               transform_samples(transform), batch_with_counts(batch_size, partial=not drop_last)]
+        stages.append(attach_sidecar(sidecar_dir, counter))
+    stages += [seeded_shuffle(shuffle_buffer, seed, epoch, rank, segment), decode_samples(counter, image_format),
+               transform_samples(transform, counter), batch_with_counts(batch_size, not drop_last, counter)]
     pipeline = wds.DataPipeline(*stages)
     num_batches = None
     if batches_per_epoch:
@@ -338,4 +339,5 @@ def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, bat
     loader.num_batches = num_batches
     loader.epoch = epoch
     loader.num_shards = n_shards
+    loader.counter = counter  # the totals of this process's copy (all of them with num_workers=0)
     return loader

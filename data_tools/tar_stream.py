@@ -1,4 +1,4 @@
-"""Shard URLs -> raw tar samples, with every loss counted: shards that cannot be opened or break off, samples dropped."""
+"""Shard URLs -> raw tar samples, every loss counted: shards that cannot be opened or break off, samples dropped."""
 import logging
 from typing import Dict, Iterable, List, Optional
 
@@ -10,8 +10,9 @@ MAX_FAILED_OPENS = 50      # shards in a row that cannot be opened: the source i
 
 
 class CorruptCounter:
-    """Samples dropped in this process (one per loader worker), by reason; warnings are rate-limited. A shard that
-    cannot be opened or breaks off counts the samples it lost, known from the sizes.json beside it (1 without)."""
+    """Samples a loader's pipeline dropped, by reason (each loader makes one and hands it to its stages; every
+    loader worker holds its own copy); warnings are rate-limited. A shard that cannot be opened or breaks off counts
+    the samples it lost, known from the sizes.json beside it (1 without)."""
 
     def __init__(self):
         self.pending = 0
@@ -29,15 +30,6 @@ class CorruptCounter:
         return n
 
 
-COUNTER = CorruptCounter()
-
-
-def _count_tar_error(exn: Exception) -> bool:
-    """webdataset handler: a broken tar (truncated, unreadable) is counted, and reading goes on."""
-    COUNTER.add("bad_tar", repr(exn))
-    return True
-
-
 def _expected_samples(url: str, sizes_cache: Dict[str, dict], timeout_s: float) -> Optional[int]:
     """The shard's sample count from the sizes.json beside it, or None where there is none to read."""
     if is_pipe(url):
@@ -49,7 +41,7 @@ def _expected_samples(url: str, sizes_cache: Dict[str, dict], timeout_s: float) 
         return None
 
 
-def tar_samples(timeout_s: float = URL_TIMEOUT_S):
+def tar_samples(counter: CorruptCounter, timeout_s: float = URL_TIMEOUT_S):
     """Shard URLs -> raw samples (webdataset's tar expansion and grouping by key). A shard that cannot be opened
     (missing, 404/500, refused) or breaks off mid-tar (truncated, corrupt header, connection dropped, read timeout)
     is logged and its lost samples counted, and reading goes on; MAX_FAILED_OPENS failed opens in a row are an
@@ -65,7 +57,7 @@ def tar_samples(timeout_s: float = URL_TIMEOUT_S):
                 stream = open_shard(url, timeout_s)
             except Exception as e:
                 expected = _expected_samples(url, sizes_cache, timeout_s)
-                COUNTER.add("unreadable_shard", f"{url}: {type(e).__name__}: {e}", expected or 1)
+                counter.add("unreadable_shard", f"{url}: {type(e).__name__}: {e}", expected or 1)
                 failed += 1
                 if failed >= MAX_FAILED_OPENS:
                     raise RuntimeError(f"no shard could be read: the last {failed} failed to open, the last "
@@ -88,12 +80,15 @@ def tar_samples(timeout_s: float = URL_TIMEOUT_S):
             expected = _expected_samples(url, sizes_cache, timeout_s)
             missing = expected - len(keys) if expected is not None else None
             if errors:
-                COUNTER.add("bad_tar", f"{url}: {type(errors[0]).__name__}: {errors[0]}",
+                counter.add("bad_tar", f"{url}: {type(errors[0]).__name__}: {errors[0]}",
                             max(0, missing) if missing is not None else 1)
             elif missing:
-                COUNTER.add("short_shard", f"{url}: {len(keys)} samples, its sizes.json says {expected}",
+                counter.add("short_shard", f"{url}: {len(keys)} samples, its sizes.json says {expected}",
                             max(0, missing))
 
     def stage(src: Iterable[Dict[str, str]]):
-        return group_by_keys(members(src), handler=_count_tar_error)
+        def count_tar_error(exn: Exception) -> bool:  # a broken tar is counted, and reading goes on
+            counter.add("bad_tar", repr(exn))
+            return True
+        return group_by_keys(members(src), handler=count_tar_error)
     return stage

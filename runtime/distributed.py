@@ -130,8 +130,44 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600, always
                       LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size))
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    if backend == "gloo":
+        keep_gloo_thread_states()
     log.info("process group up: %s, world size %d, launcher %s", backend, env.world_size, env.launcher)
     return env
+
+
+def keep_gloo_thread_states(rounds_of: int = 32) -> int:
+    """Give each gloo worker thread of the default group a Python thread state it keeps (a collective: every rank
+    calls it); returns how many threads got one.
+
+    Why: a gloo thread that destroys a finished collective's work drops Python objects, so it takes the GIL, and
+    without a thread state of its own it creates one each time. On Python < 3.12 creating a thread state takes the
+    runtime's thread-list lock without holding the GIL; a loader worker forked at that instant inherits the lock
+    held and hangs inside fork before running a line (seen: evaluation loaders hanging until the loader timeout).
+    A thread that keeps its state never takes that lock again. Collectives are issued in rounds of `rounds_of`,
+    each with a callback that runs in the gloo thread completing it, until a round finds no new thread on any
+    rank."""
+    import ctypes
+    import threading
+    main, pinned = threading.get_ident(), set()
+
+    def pin(_future):
+        ident = threading.get_ident()
+        if ident != main and ident not in pinned:
+            ctypes.pythonapi.PyGILState_Ensure()  # never released: this thread's state now outlives the callback
+            pinned.add(ident)
+        return 0
+
+    while True:
+        before = len(pinned)
+        for _ in range(rounds_of):
+            work = dist.all_reduce(torch.zeros(1), async_op=True)
+            work.get_future().then(pin)
+            work.wait()
+        found = torch.tensor([float(len(pinned) - before)])
+        dist.all_reduce(found)
+        if found.item() == 0:
+            return len(pinned)
 
 
 def shutdown(wait_for_peers: bool = False) -> None:

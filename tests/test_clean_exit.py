@@ -11,3 +11,15 @@ def test_no_gloo_thread_outlives_shutdown(tmp_path):
     for rank in (0, 1):
         threads = json.loads((tmp_path / f"threads_rank{rank}.json").read_text())
         assert threads == ["python"], (rank, threads)  # no pt_gloo_runloop / gloo_tcp_loop left
+
+
+def test_gloo_threads_create_no_thread_states_while_training(tmp_path):
+    """A gloo thread that creates a Python thread state takes CPython's thread-list lock without the GIL (Python
+    < 3.12): a loader worker forked then hangs in fork. With init_distributed, gloo threads keep one state each, so
+    DDP steps and collectives create none; with a bare init_process_group they create one per finished work."""
+    for mode in ("runtime", "plain"):
+        run_torchrun(2, "tests.gloo_state_worker", str(tmp_path), mode)
+    for rank in (0, 1):
+        kept = json.loads((tmp_path / f"runtime_rank{rank}.json").read_text())["created"]
+        plain = json.loads((tmp_path / f"plain_rank{rank}.json").read_text())["created"]
+        assert kept == 0 and plain > 20, (rank, kept, plain)

@@ -1,0 +1,44 @@
+"""Run under torchrun by test_clean_exit: DDP steps and collectives between two probes of the interpreter's next
+thread-state id; each rank writes how many Python thread states were created in between. argv: OUT, "runtime"
+(init_distributed: gloo threads keep their states) or "plain" (init_process_group alone)."""
+import ctypes
+import json
+import os
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from runtime import distributed
+
+
+def next_thread_state_id() -> int:
+    """The id CPython gives the next thread state it creates (ids are handed out in order): a probe thread's own."""
+    get_id, current = ctypes.pythonapi.PyThreadState_GetID, ctypes.pythonapi.PyThreadState_Get
+    get_id.restype, get_id.argtypes, current.restype = ctypes.c_uint64, [ctypes.c_void_p], ctypes.c_void_p
+    out = []
+    probe = threading.Thread(target=lambda: out.append(get_id(current())))
+    probe.start()
+    probe.join()
+    return out[0]
+
+
+out_dir, mode = sys.argv[1], sys.argv[2]
+if mode == "runtime":
+    env = distributed.init_distributed(distributed.resolve_env())
+else:
+    import torch._dynamo  # noqa: F401  (as init_distributed does)
+    dist.init_process_group("gloo")
+    env = distributed.resolve_env()
+model = DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)))
+first = next_thread_state_id()
+for step in range(20):
+    model(torch.randn(8, 16)).square().mean().backward()
+    distributed.all_reduce_sum(torch.ones(2)).tolist()
+    distributed.all_gather_object(step)
+created = next_thread_state_id() - first - 1  # the second probe's own state is not counted
+distributed.shutdown(wait_for_peers=True)
+with open(os.path.join(out_dir, f"{mode}_rank{env.rank}.json"), "w") as f:
+    json.dump({"created": created}, f)
