@@ -136,9 +136,9 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600, always
     return env
 
 
-def keep_gloo_thread_states(rounds_of: int = 32) -> int:
-    """Give each gloo worker thread of the default group a Python thread state it keeps (a collective: every rank
-    calls it); returns how many threads got one.
+def keep_gloo_thread_states(group: Optional[Any] = None, rounds_of: int = 32) -> int:
+    """Give each gloo worker thread of `group` (default: the default group) a Python thread state it keeps (a
+    collective over the group); returns how many threads got one.
 
     Why: a gloo thread that destroys a finished collective's work drops Python objects, so it takes the GIL, and
     without a thread state of its own it creates one each time. On Python < 3.12 creating a thread state takes the
@@ -161,13 +161,23 @@ def keep_gloo_thread_states(rounds_of: int = 32) -> int:
     while True:
         before = len(pinned)
         for _ in range(rounds_of):
-            work = dist.all_reduce(torch.zeros(1), async_op=True)
+            work = dist.all_reduce(torch.zeros(1), group=group, async_op=True)
             work.get_future().then(pin)
             work.wait()
         found = torch.tensor([float(len(pinned) - before)])
-        dist.all_reduce(found)
+        dist.all_reduce(found, group=group)
         if found.item() == 0:
             return len(pinned)
+
+
+def keep_all_gloo_thread_states() -> None:
+    """keep_gloo_thread_states for every gloo group this rank belongs to, in the order of their names (the same
+    on every rank): for the groups a library makes for itself (DeepSpeed does). A collective."""
+    from torch.distributed import distributed_c10d as c10d
+    groups = sorted(c10d._world.pg_names.items(), key=lambda item: item[1])  # (group, name)
+    for group, _ in groups:
+        if dist.get_backend(group) == "gloo" and dist.get_rank(group) >= 0:
+            keep_gloo_thread_states(group)
 
 
 def shutdown(wait_for_peers: bool = False) -> None:

@@ -113,6 +113,7 @@ class DeepSpeedStrategy:
         self.device = device
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                                  config=ds_config)
+        distributed.keep_all_gloo_thread_states()  # DeepSpeed's own groups: see keep_gloo_thread_states
         self.module = self.engine.module
         self.model = self.engine
         self.bf16 = bf16

@@ -1,6 +1,7 @@
-"""Run under torchrun by test_clean_exit: DDP steps and collectives between two probes of the interpreter's next
-thread-state id; each rank writes how many Python thread states were created in between. argv: OUT, "runtime"
-(init_distributed: gloo threads keep their states) or "plain" (init_process_group alone)."""
+"""Run under torchrun by test_clean_exit: training steps and collectives between two probes of the interpreter's
+next thread-state id; each rank writes how many Python thread states were created in between. argv: OUT, "runtime"
+(init_distributed, DDP), "deepspeed" (init_distributed, ZeRO-2, which makes a gloo group of its own) or "plain"
+(a bare init_process_group, DDP)."""
 import ctypes
 import json
 import os
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from runtime import distributed
+from runtime.strategy import make_strategy
 
 
 def next_thread_state_id() -> int:
@@ -26,16 +28,24 @@ def next_thread_state_id() -> int:
 
 
 out_dir, mode = sys.argv[1], sys.argv[2]
-if mode == "runtime":
-    env = distributed.init_distributed(distributed.resolve_env())
-else:
+net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+if mode == "plain":
     import torch._dynamo  # noqa: F401  (as init_distributed does)
     dist.init_process_group("gloo")
     env = distributed.resolve_env()
-model = DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)))
+    model, backward = DistributedDataParallel(net), lambda loss: loss.backward()
+else:
+    env = distributed.init_distributed(distributed.resolve_env(), always=True)
+    strategy = make_strategy("ddp" if mode == "runtime" else "deepspeed", net, torch.optim.AdamW(net.parameters()),
+                             torch.device("cpu"), deepspeed_config="configs/deepspeed/zero2.json", batch_per_rank=8)
+    model = strategy.model
+
+    def backward(loss):
+        strategy.backward(loss)
+        strategy.step()
 first = next_thread_state_id()
 for step in range(20):
-    model(torch.randn(8, 16)).square().mean().backward()
+    backward(model(torch.randn(8, 16)).square().mean())
     distributed.all_reduce_sum(torch.ones(2)).tolist()
     distributed.all_gather_object(step)
 created = next_thread_state_id() - first - 1  # the second probe's own state is not counted
