@@ -147,9 +147,6 @@ class Finetuning(TrainingJob):
                  self.info.name, self.task, len(self.info.classes), self.info.sizes["train"], self.info.sizes["val"],
                  self.info.sizes["test"], self.source, state.step + 1, self.total_steps, self.steps_per_epoch)
 
-    def window_scalars(self, state: TrainState, window: Dict[str, float], lr: float) -> Dict[str, float]:
-        return {"train/lr": lr, "train/epoch": state.epoch}
-
     def checkpoint_due(self, step: int) -> bool:
         return super().checkpoint_due(step) or step % self.steps_per_epoch == 0
 

@@ -82,9 +82,6 @@ class SmokeRun(TrainingJob):
     def forward(self, model, batch):
         return F.mse_loss(model(batch["x"]), batch["y"]), {}, None
 
-    def run_metadata(self) -> Dict[str, object]:
-        return {}
-
     def finish(self, state: TrainState, logger, guard, start: int, stopped: bool) -> Dict[str, object]:
         checksums = distributed.param_checksums(self.strategy.module)
         result = {"final_step": state.step, "resumed_from_step": start, "world_size": self.env.world_size,
