@@ -1,8 +1,10 @@
 """`python -m finetune.demo --out OUT [--src DIR]`: the whole system on one labelled image folder, with the
 numbers that say whether pretraining helped. `make demo` runs it.
 
-DIR is an ImageFolder tree with train/, val/ and test/ sub-trees (class folders inside); without --src, 3,000
+DIR is an ImageFolder tree with train/, val/ and test/ sub-trees (class folders inside); without --src, 5,000
 Fashion-MNIST training images and 1,500 of its test images (Debian's dataset-fashion-mnist) are exported into one.
+The budget is in images seen, not epochs (PRETRAIN_IMAGES, FINETUNE_IMAGES), so the demo takes about as long on
+any folder: the epochs are the budget over the training split's size.
 Every step is one of the commands a user types, printed before it runs:
 
   shards          data_tools shard-folder + verify
@@ -35,6 +37,9 @@ PRETRAIN_CONFIG = "configs/pretrain/demo.yaml"
 FINETUNE_CONFIG = "configs/finetune/demo.yaml"
 DATASET = "demo"  # the name the shards are written under
 IMG_SIZE = 28     # the demo encoder's input side (the tiny_p4 preset): the pixel baseline sees the same pixels
+FASHION_PER_CLASS = {"train": 500, "val": 50, "test": 100}
+PRETRAIN_IMAGES = 120_000  # images seen by each pretraining: 24 epochs of 5,000 (40 of 3,000)
+FINETUNE_IMAGES = 90_000   # by each fine-tuning, the same for scratch and pretrained: 18 epochs of 5,000 (30 of 3,000)
 
 
 class Demo:
@@ -43,8 +48,7 @@ class Demo:
     def __init__(self, out: Path, nproc: int, seed: int, pretrain_epochs: Optional[float],
                  finetune_epochs: Optional[int]):
         self.out, self.nproc = out, nproc
-        self.pretrain_overrides = [f"run.seed={seed}"] + ([f"train.epochs={pretrain_epochs}"] if pretrain_epochs else [])
-        self.finetune_overrides = [f"run.seed={seed}"] + ([f"train.epochs={finetune_epochs}"] if finetune_epochs else [])
+        self.seed, self.pretrain_epochs, self.finetune_epochs = seed, pretrain_epochs, finetune_epochs
         self.timings: List[dict] = []
 
     def run(self, title: str, args: Sequence[str]) -> None:
@@ -69,10 +73,20 @@ class Demo:
                              f"or give --src DIR")
         train = [FASHION_MNIST / "train-images-idx3-ubyte.gz", FASHION_MNIST / "train-labels-idx1-ubyte.gz"]
         test = [FASHION_MNIST / "t10k-images-idx3-ubyte.gz", FASHION_MNIST / "t10k-labels-idx1-ubyte.gz"]
-        for split, files, per_class, skip in (("train", train, 300, 0), ("val", test, 50, 0),
-                                              ("test", test, 100, 50)):
+        for split, files, skip in (("train", train, 0), ("val", test, 0), ("test", test, FASHION_PER_CLASS["val"])):
             self.python(f"Fashion-MNIST -> {split} folder", "-m", "data_tools", "idx-to-folder", *files, "--out",
-                        folder / split, "--per-class", per_class, "--skip-per-class", skip)
+                        folder / split, "--per-class", FASHION_PER_CLASS[split], "--skip-per-class", skip)
+
+    def budgets(self, shards: Path) -> tuple:
+        """(pretraining, fine-tuning) overrides: the seed, and the epochs that hold the image budgets (or those
+        given on the command line)."""
+        train_images = json.loads((shards / "info.json").read_text())["splits"]["train"]["samples"]
+        pretrain_epochs = self.pretrain_epochs or round(PRETRAIN_IMAGES / train_images, 2)
+        finetune_epochs = self.finetune_epochs or max(1, round(FINETUNE_IMAGES / train_images))
+        print(f"\n== budget: {train_images} training images; pretraining {pretrain_epochs} epochs, fine-tuning "
+              f"{finetune_epochs} epochs", flush=True)
+        return ([f"run.seed={self.seed}", f"train.epochs={pretrain_epochs}"],
+                [f"run.seed={self.seed}", f"train.epochs={finetune_epochs}"])
 
     def pipeline(self, src: Optional[str]) -> None:
         out = self.out
@@ -87,6 +101,7 @@ class Demo:
         self.python("shards", "-m", "data_tools", "shard-folder", DATASET, folder, "--generic", "--out", shards,
                     "--shard-size", 250, "--min-shards", 4, "--max-side", 128)
         self.python("verify shards", "-m", "data_tools", "verify", shards)
+        pretrain_overrides, finetune_overrides = self.budgets(shards)
         count = len(list((shards / "train").glob("*.tar")))  # shard-folder numbers them 00000, 00001, ...
         train = str(shards / "train" / f"{{00000..{count - 1:05d}}}.tar")
         data = ["--dataset", DATASET, "--data", shards]
@@ -95,12 +110,12 @@ class Demo:
         self.python("teacher cache", "-m", "pretrain.cache_teacher", "--shards", train, "--teacher-config",
                     PRETRAIN_CONFIG, "--out", out / "teacher_cache")
         pretrain = ["--config", PRETRAIN_CONFIG, f"data.train=[{train}]", f"data.teacher_cache={out / 'teacher_cache'}",
-                    *self.pretrain_overrides]
+                    *pretrain_overrides]
         self.torchrun("pretrain mae_only", "pretrain/main.py", *pretrain, f"run.output_dir={out / 'pretrain_mae_only'}",
                       "loss.paired=0", "loss.relational=0")
         self.torchrun("pretrain distilled", "pretrain/main.py", *pretrain,
                       f"run.output_dir={out / 'pretrain_distilled'}")
-        finetune = ["--config", FINETUNE_CONFIG, *data, *self.finetune_overrides]
+        finetune = ["--config", FINETUNE_CONFIG, *data, *finetune_overrides]
         # layer decay protects pretrained lower layers; a random encoder has none to protect (MAE's from-scratch
         # baselines train without it), so scratch gets the same recipe and budget with layer_decay=1
         self.torchrun("fine-tune scratch", "finetune/main.py", *finetune, "--from-scratch", "train.layer_decay=1.0",
@@ -127,8 +142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--src", help="ImageFolder tree with train/ val/ test/ (default: Fashion-MNIST)")
     parser.add_argument("--nproc", type=int, default=2, help="processes per training run (torchrun)")
     parser.add_argument("--seed", type=int, default=0, help="run.seed of every training run (the data is fixed)")
-    parser.add_argument("--pretrain-epochs", type=float, help=f"override {PRETRAIN_CONFIG}'s train.epochs")
-    parser.add_argument("--finetune-epochs", type=int, help=f"override {FINETUNE_CONFIG}'s train.epochs")
+    parser.add_argument("--pretrain-epochs", type=float,
+                        help=f"pretraining epochs (default: {PRETRAIN_IMAGES} images over the training split's size)")
+    parser.add_argument("--finetune-epochs", type=int,
+                        help=f"fine-tuning epochs (default: {FINETUNE_IMAGES} images over the training split's size)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     if out.exists() and any(out.iterdir()):

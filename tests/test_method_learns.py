@@ -70,3 +70,19 @@ def test_demo_on_a_folder_writes_every_row(tmp_path):
     again = subprocess.run([sys.executable, "-m", "finetune.demo", "--src", str(tmp_path / "nowhere"), "--out",
                             str(tmp_path / "demo2")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "needs train/, val/ and test/ sub-folders" in again.stderr
+
+
+def test_demo_budget_is_images_seen_whatever_the_folder_size(tmp_path):
+    """The demo turns its image budgets into epochs over the training split's size (info.json), so a folder twice
+    as large gets half the epochs; epochs given on the command line win."""
+    import json
+
+    from finetune.demo import FINETUNE_IMAGES, PRETRAIN_IMAGES, Demo
+    for train_images in (3000, 5000, 7000):
+        (tmp_path / "info.json").write_text(json.dumps({"splits": {"train": {"samples": train_images}}}))
+        pretrain, finetune = Demo(tmp_path, 2, 3, None, None).budgets(tmp_path)
+        assert pretrain == ["run.seed=3", f"train.epochs={round(PRETRAIN_IMAGES / train_images, 2)}"]
+        assert finetune == ["run.seed=3", f"train.epochs={round(FINETUNE_IMAGES / train_images)}"]
+        assert abs(float(pretrain[1].split("=")[1]) * train_images - PRETRAIN_IMAGES) <= 0.005 * train_images
+    assert Demo(tmp_path, 2, 0, 1.5, 2).budgets(tmp_path) == (["run.seed=0", "train.epochs=1.5"],
+                                                              ["run.seed=0", "train.epochs=2"])
