@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from finetune.report import markdown, result_rows
 from runtime.atomic import atomic_write_text
@@ -77,7 +77,7 @@ class Demo:
             self.python(f"Fashion-MNIST -> {split} folder", "-m", "data_tools", "idx-to-folder", *files, "--out",
                         folder / split, "--per-class", FASHION_PER_CLASS[split], "--skip-per-class", skip)
 
-    def budgets(self, shards: Path) -> tuple:
+    def budgets(self, shards: Path) -> Tuple[List[str], List[str]]:
         """(pretraining, fine-tuning) overrides: the seed, and the epochs that hold the image budgets (or those
         given on the command line)."""
         train_images = json.loads((shards / "info.json").read_text())["splits"]["train"]["samples"]
