@@ -18,8 +18,10 @@ log = logging.getLogger("pretrain")
 
 def pretrain(cfg: PretrainConfig, stop: StopRequest) -> int:
     from pretrain.engine import EXIT_STOPPED, Pretraining
+    deepspeed = cfg.train.strategy == "deepspeed"
     env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s,
-                                       always=cfg.train.strategy == "deepspeed")  # DeepSpeed wants a group of one
+                                       always=deepspeed,  # DeepSpeed wants a group of one
+                                       libraries=("deepspeed",) if deepspeed else ())
     return EXIT_STOPPED if Pretraining(cfg, env, stop).run()["stopped"] else 0
 
 

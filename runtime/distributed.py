@@ -1,10 +1,13 @@
 """One resolver for the distributed environment (torchrun, Slurm, single process) and the collectives we use."""
 import datetime
+import gc
+import importlib
 import logging
+import sys
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -108,9 +111,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600, always: bool = False) -> DistEnv:
+def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600, always: bool = False,
+                     libraries: Sequence[str] = ()) -> DistEnv:
     """Start the process group (nccl on GPU, gloo on CPU) for the resolved environment. One process gets none
-    unless `always` (DeepSpeed wants a group even then: a world of one on a free loopback port)."""
+    unless `always` (DeepSpeed wants a group even then: a world of one on a free loopback port). `libraries`: the
+    modules the job will use that, imported for the first time while a group exists, keep it alive past shutdown
+    (as torch._dynamo does, below): "deepspeed" for DeepSpeed runs. They are imported before the group starts."""
     env = env or resolve_env()
     if dist.is_initialized() or (env.world_size == 1 and not always):
         return env
@@ -126,6 +132,8 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600, always
     # finalization, where a gloo thread that releases a finished collective's Python-owned tensors aborts the
     # process ("terminate called without an active exception"). Imported first, it holds no group.
     import torch._dynamo  # noqa: F401
+    for library in libraries:
+        importlib.import_module(library)
     os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
                       LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size))
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
@@ -180,14 +188,32 @@ def keep_all_gloo_thread_states() -> None:
             keep_gloo_thread_states(group)
 
 
+_releases: List[Callable[[], None]] = []
+
+
+def release_at_shutdown(release: Callable[[], None]) -> None:
+    """Have shutdown() call `release` (local, no collective) before it destroys the groups: for objects that hold a
+    group and outlive the job that made them (a DeepSpeed engine, kept alive by its own gradient hooks)."""
+    _releases.append(release)
+
+
 def shutdown(wait_for_peers: bool = False) -> None:
-    """Destroy the process group (a no-op without one). wait_for_peers, after a run that ended normally on every
-    rank: meet first, so no rank tears gloo down while a peer still talks to it (that once aborted the peer at
-    exit: "terminate called without an active exception"). Never after an error: a failed peer would not come."""
+    """Release what release_at_shutdown registered, then destroy every process group (a no-op without one) and
+    collect the objects that held them, so no gloo thread lives on into interpreter finalization, where it can
+    abort the process ("terminate called without an active exception"). wait_for_peers, after a run that ended
+    normally on every rank: meet first, so no rank tears gloo down while a peer still talks to it. Never after an
+    error: a failed peer would not come."""
+    while _releases:
+        _releases.pop()()
     if dist.is_initialized():
         if wait_for_peers:
             dist.barrier()
-        dist.destroy_process_group()
+        deepspeed_comm = sys.modules.get("deepspeed.comm")
+        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+            deepspeed_comm.destroy_process_group()  # torch's, and DeepSpeed drops its own references to the groups
+        else:
+            dist.destroy_process_group()
+        gc.collect()
 
 
 def get_rank() -> int:

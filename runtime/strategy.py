@@ -114,6 +114,7 @@ class DeepSpeedStrategy:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                                  config=ds_config)
         distributed.keep_all_gloo_thread_states()  # DeepSpeed's own groups: see keep_gloo_thread_states
+        distributed.release_at_shutdown(self.engine.destroy)  # drops the hooks that keep the engine and its groups
         self.module = self.engine.module
         self.model = self.engine
         self.bf16 = bf16

@@ -27,28 +27,38 @@ def next_thread_state_id() -> int:
     return out[0]
 
 
+def created_thread_states(mode: str) -> int:
+    """Thread states created by 20 steps and collectives; the model and strategy go with this frame, as a trainer's
+    go with its job, so shutdown() leaves no group behind."""
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    if mode == "plain":
+        model, backward = DistributedDataParallel(net), lambda loss: loss.backward()
+    else:
+        strategy = make_strategy("ddp" if mode == "runtime" else "deepspeed", net,
+                                 torch.optim.AdamW(net.parameters()), torch.device("cpu"),
+                                 deepspeed_config="configs/deepspeed/zero2.json", batch_per_rank=8)
+        model = strategy.model
+
+        def backward(loss):
+            strategy.backward(loss)
+            strategy.step()
+    first = next_thread_state_id()
+    for step in range(20):
+        backward(model(torch.randn(8, 16)).square().mean())
+        distributed.all_reduce_sum(torch.ones(2)).tolist()
+        distributed.all_gather_object(step)
+    return next_thread_state_id() - first - 1  # the second probe's own state is not counted
+
+
 out_dir, mode = sys.argv[1], sys.argv[2]
-net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
 if mode == "plain":
     import torch._dynamo  # noqa: F401  (as init_distributed does)
     dist.init_process_group("gloo")
     env = distributed.resolve_env()
-    model, backward = DistributedDataParallel(net), lambda loss: loss.backward()
 else:
-    env = distributed.init_distributed(distributed.resolve_env(), always=True)
-    strategy = make_strategy("ddp" if mode == "runtime" else "deepspeed", net, torch.optim.AdamW(net.parameters()),
-                             torch.device("cpu"), deepspeed_config="configs/deepspeed/zero2.json", batch_per_rank=8)
-    model = strategy.model
-
-    def backward(loss):
-        strategy.backward(loss)
-        strategy.step()
-first = next_thread_state_id()
-for step in range(20):
-    backward(model(torch.randn(8, 16)).square().mean())
-    distributed.all_reduce_sum(torch.ones(2)).tolist()
-    distributed.all_gather_object(step)
-created = next_thread_state_id() - first - 1  # the second probe's own state is not counted
+    env = distributed.init_distributed(distributed.resolve_env(), always=True,
+                                       libraries=("deepspeed",) if mode == "deepspeed" else ())
+created = created_thread_states(mode)
 distributed.shutdown(wait_for_peers=True)
 with open(os.path.join(out_dir, f"{mode}_rank{env.rank}.json"), "w") as f:
     json.dump({"created": created}, f)

@@ -1,16 +1,18 @@
-"""A 2-rank run's process group and its gloo threads are gone once shutdown() returns, even when torch._dynamo is
-first imported after the group started (it used to keep the group alive until interpreter finalization, where a
-gloo thread releasing Python-owned tensors aborted the process: "terminate called without an active exception")."""
+"""A 2-rank run's process groups and their gloo threads are gone once shutdown() returns, even when torch._dynamo is
+first imported after the group started, and after DeepSpeed ZeRO-2 steps (both used to keep groups alive until
+interpreter finalization, where a gloo thread releasing Python-owned tensors can abort the process: "terminate
+called without an active exception")."""
 import json
 
 from conftest import run_torchrun
 
 
 def test_no_gloo_thread_outlives_shutdown(tmp_path):
-    run_torchrun(2, "tests.exit_worker", str(tmp_path))
-    for rank in (0, 1):
-        threads = json.loads((tmp_path / f"threads_rank{rank}.json").read_text())
-        assert threads == ["python"], (rank, threads)  # no pt_gloo_runloop / gloo_tcp_loop left
+    for mode in ("late_import", "deepspeed"):
+        run_torchrun(2, "tests.exit_worker", str(tmp_path), mode)
+        for rank in (0, 1):
+            threads = json.loads((tmp_path / f"{mode}_threads_rank{rank}.json").read_text())
+            assert threads == ["python"], (mode, rank, threads)  # no pt_gloo_runloop / gloo_tcp_loop left
 
 
 def test_gloo_threads_create_no_thread_states_while_training(tmp_path):
@@ -23,4 +25,5 @@ def test_gloo_threads_create_no_thread_states_while_training(tmp_path):
     for rank in (0, 1):
         created = {mode: json.loads((tmp_path / f"{mode}_rank{rank}.json").read_text())["created"]
                    for mode in ("runtime", "deepspeed", "plain")}
-        assert created["runtime"] == 0 and created["deepspeed"] == 0 and created["plain"] >= 10, (rank, created)
+        # the bare group is the control: its count varies with which gloo thread completes each work (as few as 8)
+        assert created["runtime"] == 0 and created["deepspeed"] == 0 and created["plain"] > 0, (rank, created)
