@@ -3,9 +3,9 @@ import datetime
 import gc
 import importlib
 import logging
-import sys
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
@@ -197,6 +197,13 @@ def release_at_shutdown(release: Callable[[], None]) -> None:
     _releases.append(release)
 
 
+def _run_release(release: Callable[[], None]) -> None:
+    try:
+        release()
+    except Exception:  # the groups must still go down, and a job's own error must not be replaced by this one
+        log.exception("release at shutdown failed: %r", release)
+
+
 def shutdown(wait_for_peers: bool = False) -> None:
     """Release what release_at_shutdown registered, then destroy every process group (a no-op without one) and
     collect the objects that held them, so no gloo thread lives on into interpreter finalization, where it can
@@ -204,7 +211,7 @@ def shutdown(wait_for_peers: bool = False) -> None:
     normally on every rank: meet first, so no rank tears gloo down while a peer still talks to it. Never after an
     error: a failed peer would not come."""
     while _releases:
-        _releases.pop()()
+        _run_release(_releases.pop())  # in a frame of its own: a local here would keep the released object alive
     if dist.is_initialized():
         if wait_for_peers:
             dist.barrier()
