@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.teacher import TeacherError
+from pretrain.teacher_error import TeacherError
 from runtime.atomic import file_sha256
 from runtime.checkpoint import safe_torch_load
 

@@ -9,16 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.teacher_error import TeacherError
+
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 DEFAULT_ARCH = {"open_clip": "ViT-B-16", "classifier": "mobilenet_v2"}
-
-
-class TeacherError(ValueError):
-    """A teacher that cannot be built from local files."""
 
 
 def resolve_arch(arch: str) -> str:
