@@ -45,9 +45,10 @@ def worker(spec: dict, out: str) -> None:
     from pretrain.teacher import CLIPTeacher
     from runtime import distributed
     from runtime.precision import autocast, resolve_precision
-    from runtime.strategy import make_strategy
+    from runtime.strategy import init_distributed_for, make_strategy
 
-    env = distributed.init_distributed(distributed.resolve_env())
+    name, ds_config = STRATEGIES[spec["strategy"]]
+    env = init_distributed_for(name)
     device = distributed.default_device(env)
     precision = resolve_precision("auto", device)
     arch, _, _ = SETTINGS[spec["preset"]]
@@ -57,7 +58,6 @@ def worker(spec: dict, out: str) -> None:
     tcfg = TeacherConfig(checkpoint="random", arch=arch, cached=cached)
     model = UniEmoXPretrainer(ModelConfig(preset=spec["preset"]), LossConfig(), tcfg, None if cached else teacher)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
-    name, ds_config = STRATEGIES[spec["strategy"]]
     strategy = make_strategy(name, model, optim, device, deepspeed_config=ds_config and str(REPO / ds_config),
                              batch_per_rank=batch, precision=precision)
     size = model.mae.arch.img_size

@@ -9,19 +9,16 @@ if __package__ in (None, ""):  # run as a file (torchrun pretrain/main.py): make
 
 from pretrain.config import PretrainConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
-from runtime import distributed  # noqa: E402
 from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
 from runtime.loop import run_job  # noqa: E402
+from runtime.strategy import init_distributed_for  # noqa: E402
 
 log = logging.getLogger("pretrain")
 
 
 def pretrain(cfg: PretrainConfig, stop: StopRequest) -> int:
     from pretrain.engine import EXIT_STOPPED, Pretraining
-    deepspeed = cfg.train.strategy == "deepspeed"
-    env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s,
-                                       always=deepspeed,  # DeepSpeed wants a group of one
-                                       libraries=("deepspeed",) if deepspeed else ())
+    env = init_distributed_for(cfg.train.strategy, cfg.run.dist_timeout_s)
     return EXIT_STOPPED if Pretraining(cfg, env, stop).run()["stopped"] else 0
 
 

@@ -182,6 +182,14 @@ def check_deepspeed_files(directory: Path) -> None:
                                       f"(GLOBAL {name}). Only load files you trust")
 
 
+def init_distributed_for(strategy: str, timeout_s: int = 600) -> distributed.DistEnv:
+    """The process group a strategy needs: DeepSpeed wants one even for a single process, and is imported before it
+    starts (imported later, it keeps the group alive past shutdown; see distributed.init_distributed)."""
+    deepspeed = strategy == "deepspeed"
+    return distributed.init_distributed(distributed.resolve_env(), timeout_s, always=deepspeed,
+                                        libraries=("deepspeed",) if deepspeed else ())
+
+
 def make_strategy(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                   accum_steps: int = 1, clip_grad: Optional[float] = None, deepspeed_config: Optional[str] = None,
                   batch_per_rank: int = 1, precision: str = "fp32"):

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from runtime import distributed
+from runtime.strategy import init_distributed_for, make_strategy
 
 
 def late_import(env: distributed.DistEnv) -> None:
@@ -18,7 +19,6 @@ def late_import(env: distributed.DistEnv) -> None:
 
 
 def deepspeed_steps() -> None:
-    from runtime.strategy import make_strategy
     net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     strategy = make_strategy("deepspeed", net, torch.optim.AdamW(net.parameters()), torch.device("cpu"),
                              deepspeed_config="configs/deepspeed/zero2.json", batch_per_rank=8)
@@ -29,7 +29,7 @@ def deepspeed_steps() -> None:
 
 out_dir, mode = sys.argv[1], sys.argv[2]
 if mode == "deepspeed":
-    env = distributed.init_distributed(distributed.resolve_env(), always=True, libraries=("deepspeed",))
+    env = init_distributed_for("deepspeed")
     deepspeed_steps()
 else:
     env = distributed.init_distributed(distributed.resolve_env())

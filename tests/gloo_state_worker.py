@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from runtime import distributed
-from runtime.strategy import make_strategy
+from runtime.strategy import init_distributed_for, make_strategy
 
 
 def next_thread_state_id() -> int:
@@ -56,8 +56,7 @@ if mode == "plain":
     dist.init_process_group("gloo")
     env = distributed.resolve_env()
 else:
-    env = distributed.init_distributed(distributed.resolve_env(), always=True,
-                                       libraries=("deepspeed",) if mode == "deepspeed" else ())
+    env = init_distributed_for("ddp" if mode == "runtime" else "deepspeed")
 created = created_thread_states(mode)
 distributed.shutdown(wait_for_peers=True)
 with open(os.path.join(out_dir, f"{mode}_rank{env.rank}.json"), "w") as f:
