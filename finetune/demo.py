@@ -37,9 +37,9 @@ PRETRAIN_CONFIG = "configs/pretrain/demo.yaml"
 FINETUNE_CONFIG = "configs/finetune/demo.yaml"
 DATASET = "demo"  # the name the shards are written under
 IMG_SIZE = 28     # the demo encoder's input side (the tiny_p4 preset): the pixel baseline sees the same pixels
-FASHION_PER_CLASS = {"train": 500, "val": 50, "test": 100}
+FASHION_PER_CLASS = {"train": 500, "val": 100, "test": 500}
 PRETRAIN_IMAGES = 120_000  # images seen by each pretraining: 24 epochs of 5,000 (40 of 3,000)
-FINETUNE_IMAGES = 90_000   # by each fine-tuning, the same for scratch and pretrained: 18 epochs of 5,000 (30 of 3,000)
+FINETUNE_IMAGES = 75_000   # by each fine-tuning, the same for scratch and pretrained: 15 epochs of 5,000 (25 of 3,000)
 
 
 class Demo:
