@@ -78,9 +78,9 @@ def test_demo_budget_is_images_seen_whatever_the_folder_size(tmp_path):
     import json
 
     from finetune.demo import Demo
-    # the figures docs/demo.md states: 24 and 18 epochs of 5,000 images, 40 and 30 of 3,000
-    for train_images, pretrain_epochs, finetune_epochs in ((3000, "40.0", "30"), (5000, "24.0", "18"),
-                                                           (7000, "17.14", "13")):
+    # the figures docs/demo.md states: 24 and 15 epochs of 5,000 images, 40 and 25 of 3,000
+    for train_images, pretrain_epochs, finetune_epochs in ((3000, "40.0", "25"), (5000, "24.0", "15"),
+                                                           (7000, "17.14", "11")):
         (tmp_path / "info.json").write_text(json.dumps({"splits": {"train": {"samples": train_images}}}))
         assert Demo(tmp_path, 2, 3, None, None).budgets(tmp_path) == (
             ["run.seed=3", f"train.epochs={pretrain_epochs}"], ["run.seed=3", f"train.epochs={finetune_epochs}"])
