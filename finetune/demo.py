@@ -2,7 +2,8 @@
 numbers that say whether pretraining helped. `make demo` runs it.
 
 DIR is an ImageFolder tree with train/, val/ and test/ sub-trees (class folders inside); without --src, 5,000
-Fashion-MNIST training images and 1,500 of its test images (Debian's dataset-fashion-mnist) are exported into one.
+Fashion-MNIST training images and 6,000 of its test images (1,000 for val, 5,000 for test; Debian's
+dataset-fashion-mnist) are exported into one.
 The budget is in images seen, not epochs (PRETRAIN_IMAGES, FINETUNE_IMAGES), so the demo takes about as long on
 any folder: the epochs are the budget over the training split's size.
 Every step is one of the commands a user types, printed before it runs:
