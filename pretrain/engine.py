@@ -115,18 +115,17 @@ class Pretraining(TrainingJob):
         return out.loss, out.terms, out
 
     def count_step_flops(self, batch: Dict[str, Any]) -> int:
+        """FLOPs of one step on this batch: the whole forward (a live teacher runs inside it) and the teacher alone,
+        counted under the step's autocast with one rule (runtime.flops), the teacher once, the rest three times."""
         model = self.strategy.module
         teacher = self.teacher if not self.cfg.teacher.cached and self.model.distill else None
-
-        def student():
-            with autocast(self.precision, self.device):
-                model(batch)
 
         def frozen():
             teacher.encode_image(batch["image"]), teacher.encode_text(batch["text"])
         # the counting forward draws masks: on a forked RNG, so a resumed run draws what an uninterrupted one does
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            return training_step_flops(student, frozen if teacher is not None else None)
+            return training_step_flops(lambda: model(batch), frozen if teacher is not None else None,
+                                       context=lambda: autocast(self.precision, self.device))
 
     def on_start(self, state: TrainState) -> None:
         log.info("training steps %d..%d (%d per epoch), %d samples per step, lr %.3g, %s, %s", state.step + 1,

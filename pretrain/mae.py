@@ -12,6 +12,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from runtime.checkpoint import CheckpointError, load_model_state, safe_torch_load
+from runtime.flops import patch_embed_flops, transformer_flops
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,20 @@ class MaskedAutoencoderViT(nn.Module):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.reconstruction_loss(imgs, pred, mask), pred, mask
+
+
+def mae_forward_flops(arch: MAEArch, mask_ratio: float) -> int:
+    """Analytic matmul FLOPs of one MAE forward (the rule of runtime.flops): the patch embedding of every patch, the
+    encoder on the kept patches + CLS, the decoder's input projection, its blocks on every patch + CLS and the
+    pixel prediction of each of those tokens."""
+    patches = (arch.img_size // arch.patch_size) ** 2
+    kept = int(patches * (1 - mask_ratio)) + 1
+    pixels = arch.patch_size ** 2 * arch.in_chans
+    return (patch_embed_flops(arch.img_size, arch.patch_size, arch.embed_dim, arch.in_chans)
+            + transformer_flops(kept, arch.embed_dim, arch.depth, arch.mlp_ratio)
+            + 2 * kept * arch.embed_dim * arch.decoder_embed_dim
+            + transformer_flops(patches + 1, arch.decoder_embed_dim, arch.decoder_depth, arch.mlp_ratio)
+            + 2 * (patches + 1) * arch.decoder_embed_dim * pixels)
 
 
 DECODER_PREFIXES = ("decoder_embed.", "mask_token", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",

@@ -108,6 +108,21 @@ class CLIPTeacher(nn.Module):
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 
+def open_clip_flops(arch: str) -> Dict[str, int]:
+    """Analytic matmul FLOPs (runtime.flops' rule) of one image and one text through an open_clip ViT model, from
+    its model config alone: the image tower at its input size with the visual projection of the pooled token, the
+    text tower over its whole context with the projection of the end-of-text token."""
+    from runtime.flops import transformer_flops, vit_flops
+    config = open_clip.get_model_config(resolve_arch(arch))
+    vision, text, dim = config["vision_cfg"], config["text_cfg"], int(config["embed_dim"])
+    size = vision["image_size"] if isinstance(vision["image_size"], int) else vision["image_size"][0]
+    image = vit_flops(size, vision["patch_size"], vision["width"], vision["layers"], vision.get("mlp_ratio", 4.0),
+                      out_dim=dim)
+    text_flops = transformer_flops(text.get("context_length", 77), text["width"], text["layers"],
+                                   text.get("mlp_ratio", 4.0)) + 2 * text["width"] * dim
+    return {"image": image, "text": text_flops}
+
+
 def teacher_arch(cfg) -> str:
     """teacher.arch, or the backend's default model."""
     return cfg.arch or DEFAULT_ARCH[cfg.backend]

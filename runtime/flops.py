@@ -1,6 +1,8 @@
-"""FLOPs of a training step, counted once at start-up (torch.utils.flop_counter), for the MFU estimate."""
+"""FLOPs of a training step for the MFU estimate: counted once at start-up under one rule on CPU and GPU alike
+(torch's flop counter), an analytic count of ViT-style transformers to check it, and the peaks of known devices."""
+import contextlib
 import time
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -9,19 +11,63 @@ from torch.utils.flop_counter import FlopCounterMode
 GPU_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of running fn() (matmuls and convolutions, as torch's counter sees them)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+@contextlib.contextmanager
+def counting_rule() -> Iterator[None]:
+    """What every count runs under: no autograd; nn.MultiheadAttention's fast path off (its fused kernel has no FLOP
+    formula and would count 0, and autocast turns it off anyway, so one forward could count it and another not);
+    scaled_dot_product_attention through its math kernel, whose matmuls are counted on every device (the CPU's
+    fused kernel has no formula; CUDA's flash and efficient ones count the same 4·N²·d per head)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+def count_flops(fn: Callable[[], object], context: Optional[Callable[[], ContextManager]] = None) -> int:
+    """FLOPs of running fn() (matmuls and convolutions) under counting_rule() and `context()` (e.g. the step's
+    autocast)."""
+    with counting_rule(), (context or contextlib.nullcontext)(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
 
-def training_step_flops(student_forward: Callable[[], object], frozen_forward: Optional[Callable[[], object]] = None
-                        ) -> int:
-    """A trained forward costs 3x its FLOPs with the backward (2x for it); a frozen one (the teacher) 1x."""
-    total = count_flops(student_forward)
-    frozen = count_flops(frozen_forward) if frozen_forward is not None else 0
+def training_step_flops(forward: Callable[[], object], frozen_forward: Optional[Callable[[], object]] = None,
+                        context: Optional[Callable[[], ContextManager]] = None) -> int:
+    """A training step's FLOPs: `forward` is the whole forward (it may run a frozen part inside, e.g. a live
+    teacher), `frozen_forward` that frozen part alone. The trained rest costs 3x with its backward, the frozen part
+    1x. Both are counted under the same rule and context, so the frozen work is subtracted exactly."""
+    total = count_flops(forward, context)
+    frozen = count_flops(frozen_forward, context) if frozen_forward is not None else 0
     return 3 * (total - frozen) + frozen
+
+
+def transformer_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> int:
+    """Matmul FLOPs of `depth` ViT blocks on `tokens` tokens: qkv (6·N·d²), output projection (2·N·d²), MLP
+    (4·N·d·hidden) and attention scores and values (4·N²·d); norms, softmax and activations are not counted (nor
+    are they by the counter)."""
+    hidden = int(width * mlp_ratio)
+    per_block = 2 * tokens * width * 3 * width + 2 * tokens * width * width + 4 * tokens * width * hidden \
+        + 4 * tokens * tokens * width
+    return depth * per_block
+
+
+def patch_embed_flops(img_size: int, patch_size: int, width: int, in_chans: int = 3) -> int:
+    """The patch embedding (a stride-p convolution) over every patch of a square image."""
+    patches = (img_size // patch_size) ** 2
+    return 2 * patches * in_chans * patch_size ** 2 * width
+
+
+def vit_flops(img_size: int, patch_size: int, width: int, depth: int, mlp_ratio: float = 4.0,
+              out_dim: Optional[int] = None) -> int:
+    """A ViT image tower: patch embedding, blocks on the patches + CLS, and a projection of the pooled token to
+    `out_dim` (CLIP's visual projection) when given."""
+    tokens = (img_size // patch_size) ** 2 + 1
+    proj = 2 * width * out_dim if out_dim else 0
+    return patch_embed_flops(img_size, patch_size, width) + transformer_flops(tokens, width, depth, mlp_ratio) + proj
 
 
 def measure_matmul_tflops(device: torch.device = torch.device("cpu"), n: int = 2048, repeats: int = 5,

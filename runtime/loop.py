@@ -76,21 +76,22 @@ def prepare_run(run_dir: Path, store: CheckpointStore, cfg: Any, env: distribute
 
 
 def resume_run(resume: str, store: CheckpointStore, strategy, env: distributed.DistEnv) -> Optional[Dict[str, Any]]:
-    """Load what rank 0 decided to resume from into the strategy; restore this rank's RNG; return the rest."""
+    """Load what rank 0 decided to resume from into the strategy; restore this rank's RNG (its CUDA generator onto
+    the strategy's device); return the rest."""
     path = decide_resume(resume, store)
     if path is None:
         return None
     state = strategy.load_checkpoint(path)
     rng = state.get("rng") or []
     if len(rng) == env.world_size:
-        restore_rng_state(rng[env.rank])
+        restore_rng_state(rng[env.rank], strategy.device)
     log.info("resumed from %s at step %d", path, state["step"])
     return {**state, "path": str(path)}
 
 
 def save_run(store: CheckpointStore, strategy, step: int, cfg: Any, extra: Dict[str, Any]) -> None:
     """A checkpoint with every rank's RNG state and the resolved config (a collective: all ranks call it)."""
-    rng = distributed.all_gather_object(capture_rng_state())
+    rng = distributed.all_gather_object(capture_rng_state(strategy.device))
     strategy.save_checkpoint(store, step, {"step": step, "rng": rng, "config": config_to_dict(cfg), "scaler": None,
                                            **extra})
 

@@ -124,3 +124,58 @@ def test_rng_state_roundtrip_through_checkpoint(tmp_path):
     restore_rng_state(load_checkpoint(tmp_path)["rng"])
     got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+class FakeCuda:
+    """A stand-in for torch.cuda's RNG calls (there is no GPU here): one generator state per device index of the
+    node, as many devices as `visible`; set_rng_state records where each state went."""
+
+    def __init__(self, visible):
+        self.states = {i: torch.tensor([100 + i], dtype=torch.uint8) for i in range(visible)}
+        self.restored = []
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[torch.device(device).index].clone()
+
+    def get_rng_state_all(self):
+        return [s.clone() for s in self.states.values()]
+
+    def set_rng_state(self, state, device="cuda"):
+        index = torch.device(device).index
+        if index not in self.states:
+            raise IndexError(f"no cuda:{index}")
+        self.restored.append((index, int(state[0])))
+
+
+def with_fake_cuda(monkeypatch, visible):
+    fake = FakeCuda(visible)
+    for name in ("get_rng_state", "get_rng_state_all", "set_rng_state"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    return fake
+
+
+def test_a_ranks_cuda_generator_resumes_under_another_gpu_layout(monkeypatch):
+    """Written under torchrun (rank 3 on cuda:3 of 8 visible devices), resumed under per-task binding (that rank
+    sees one device, cuda:0): its own generator, and only it, is restored onto its device."""
+    with_fake_cuda(monkeypatch, visible=8)
+    saved = capture_rng_state(torch.device("cuda", 3))
+    assert int(saved["cuda"][0]) == 103 and saved["cuda"].dim() == 1  # one device's state, not a list of 8
+    resumed = with_fake_cuda(monkeypatch, visible=1)
+    restore_rng_state(saved, torch.device("cuda", 0))
+    assert resumed.restored == [(0, 103)]
+    restore_rng_state(saved, torch.device("cpu"))  # a CPU run keeps only the CPU generators
+    assert resumed.restored == [(0, 103)]
+
+
+def test_an_older_checkpoint_with_every_visible_device_still_resumes(monkeypatch):
+    """Checkpoints written before held get_rng_state_all() of every rank: under one visible device the entry of
+    that device index is used (the IndexError set_rng_state_all raised is gone); a device beyond the list is left
+    as seeded, with a warning."""
+    old = with_fake_cuda(monkeypatch, visible=8)
+    saved = {**capture_rng_state(), "cuda": old.get_rng_state_all()}
+    resumed = with_fake_cuda(monkeypatch, visible=1)
+    restore_rng_state(saved, torch.device("cuda", 0))
+    assert resumed.restored == [(0, 100)]
+    wide = with_fake_cuda(monkeypatch, visible=16)
+    restore_rng_state({**saved, "cuda": saved["cuda"][:2]}, torch.device("cuda", 5))
+    assert wide.restored == []
