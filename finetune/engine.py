@@ -100,7 +100,8 @@ class Finetuning(TrainingJob):
         groups = param_groups_layer_decay(model, cfg.optim.weight_decay, model.no_weight_decay(),
                                           layer_decay=cfg.train.layer_decay)
         optimizer = adamw(groups, cfg.optim)
-        self.strategy = DDPStrategy(model, optimizer, self.device, cfg.optim.accum_steps, cfg.optim.clip_grad)
+        self.strategy = DDPStrategy(model, optimizer, self.device, cfg.optim.accum_steps, cfg.optim.clip_grad,
+                                    self.precision)
         mixup_on = self.task == SINGLE_LABEL and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
         self.mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, label_smoothing=cfg.aug.smoothing,
                            num_classes=len(self.info.classes)) if mixup_on else None
@@ -149,6 +150,9 @@ class Finetuning(TrainingJob):
 
     def checkpoint_due(self, step: int) -> bool:
         return super().checkpoint_due(step) or step % self.steps_per_epoch == 0
+
+    def busy_step(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0  # evaluates on val
 
     def save_best(self, metrics: Dict[str, Any], step: int) -> None:
         if self.env.is_main:

@@ -125,7 +125,8 @@ class TeacherAdaptation(Finetuning):
         rest = [p for p in trainable if p.ndim < 2]
         optimizer = adamw([{"params": decay, "weight_decay": cfg.optim.weight_decay},
                            {"params": rest, "weight_decay": 0.0}], cfg.optim)
-        self.strategy = DDPStrategy(model, optimizer, self.device, cfg.optim.accum_steps, cfg.optim.clip_grad)
+        self.strategy = DDPStrategy(model, optimizer, self.device, cfg.optim.accum_steps, cfg.optim.clip_grad,
+                                    self.precision)
         self.teacher.to(self.device)
         self.loss = open_clip.ClipLoss(rank=self.env.rank, world_size=self.env.world_size)
         train_view = make_transforms(self.teacher.image_size, cfg.aug)[0]

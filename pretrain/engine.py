@@ -75,7 +75,8 @@ class Pretraining(TrainingJob):
         self.strategy = make_strategy(cfg.train.strategy, self.model, optimizer, self.device, cfg.optim.accum_steps,
                                       cfg.optim.clip_grad, cfg.train.deepspeed_config, self.batch_size,
                                       self.precision)
-        self.input_dtype = torch.bfloat16 if cfg.train.strategy == "deepspeed" and self.precision == "bf16" else None
+        # DeepSpeed holds bf16 weights: the views it reads are cast (targets such as cached embeddings stay fp32)
+        self.view_dtype = torch.bfloat16 if cfg.train.strategy == "deepspeed" and self.precision == "bf16" else None
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every,
                                      cfg.debug.save_sleep_s)
         seed_everything(cfg.run.seed + 1000 * self.env.rank)  # different augmentations on each rank
@@ -104,7 +105,7 @@ class Pretraining(TrainingJob):
                             no_batch)
 
     def prepare(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        return normalize_views(batch, self.input_dtype)
+        return normalize_views(batch, self.view_dtype)
 
     def forward(self, model, batch):
         if self.keys_log is not None:
@@ -154,10 +155,13 @@ class Pretraining(TrainingJob):
                 self.peak_tflops * 1e12)
         return scalars
 
+    def busy_step(self, step: int) -> bool:
+        every = self.cfg.train.image_every
+        return bool(every) and step % every == 0
+
     def after_step(self, state: TrainState, done, logger: MetricLogger) -> None:
         self.dropped += done.corrupt
-        every = self.cfg.train.image_every
-        if every and state.step % every == 0 and self.env.is_main and self.fixed:
+        if self.busy_step(state.step) and self.env.is_main and self.fixed:
             logger.image("mae/reconstruction", reconstruction_grid(
                 self.strategy.module.mae, self.fixed["image"], self.fixed["noise"], self.model.mask_ratio),
                 state.step)

@@ -76,6 +76,7 @@ class DebugConfig:
     step_sleep_s: float = 0.0                              # slows every step (to interrupt runs on purpose)
     record_keys: bool = False                              # each rank logs the sample keys it trains on
     save_sleep_s: float = 0.0                              # a pause inside every checkpoint write, before it commits
+    count_host_syncs: bool = False                         # RUN/host_syncs/: calls per step that wait for a GPU
 
 
 def scaled_lr(optim: OptimConfig, batch_per_rank: int, world_size: int) -> float:

@@ -251,6 +251,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(tensor).div_(get_world_size())
 
 
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor`, stacked in rank order: (world size, *shape), on the tensor's device."""
+    if not dist.is_initialized():
+        return tensor.unsqueeze(0)
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.stack(out)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s object on every rank (decisions such as 'resume from this checkpoint')."""
     if not dist.is_initialized():

@@ -1,5 +1,6 @@
-"""Per-step agreement across ranks: skip a step whose loss is not finite on any rank, stop after k in a row,
-and stop cleanly (checkpoint, exit for requeue) when any rank was asked to by SIGTERM or SIGUSR1."""
+"""Agreement across ranks without a host sync on steps that do not log: a step whose loss is not finite on any rank
+has its update skipped on the device; at sync points (log and checkpoint steps, the last step) the counts and every
+rank's stop request (SIGTERM/SIGUSR1) reach the host in one exchange, and every rank takes the same decision."""
 import logging
 import signal
 import threading
@@ -17,7 +18,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopRequest:
-    """A request to stop at the next step boundary, set by SIGTERM or SIGUSR1 once an entry point has called
+    """A request to stop at the next sync point, set by SIGTERM or SIGUSR1 once an entry point has called
     install() (signal handlers are process-wide: only entry points install them, never a constructor)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -38,40 +39,69 @@ class StopRequest:
 
 
 class StepGuard:
-    """One all-reduce of two flags per step (the only per-step host sync of a training loop): every rank then
-    takes the same decision, so no collective is left waiting on a rank that skipped or stopped."""
+    """The non-finite policy and the stop decision, kept on the device between sync points.
+
+    Each step: `nonfinite_anywhere(flag)` all-reduces this rank's "my loss was not finite" flag on the device (an
+    asynchronous collective on a GPU, no host wait) into `found_inf`, 1.0 on every rank if any rank's loss was not
+    finite; the strategy hands it to the optimizer, which skips its update on the device (fused AdamW's found_inf),
+    and `record(skipped, flag)` adds the step to counters that stay on the device. `sync(step)`, at sync points only,
+    brings the counters and every rank's stop request to the host in one all-gather: warnings name the ranks whose
+    loss was not finite, `max_consecutive` skipped steps in a row end the run (NonFiniteLossError), and a stop
+    requested on any rank stops all of them after this step."""
 
     def __init__(self, max_consecutive_nonfinite: int = 3, device: Optional[torch.device] = None,
                  stop: Optional[StopRequest] = None):
         self.max_consecutive = max_consecutive_nonfinite
         self.device = device or torch.device("cpu")
-        self.consecutive = 0
-        self.skipped_total = 0
         self.stop = stop or StopRequest()
+        self.skipped_total = 0      # as of the last sync
+        self.consecutive = 0        # skipped steps in a row ending at the last sync
+        self._run = self._zero()    # skipped steps in a row ending at the current step
+        self._longest = self._zero()
+        self._skipped = self._zero()
+        self._local_bad = self._zero()
+        self._last_synced_step = 0
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), device=self.device)
 
     @property
     def signal_name(self) -> Optional[str]:
         return self.stop.name
 
-    def check(self, loss: torch.Tensor, step: int) -> tuple:
-        """(skip this step's update, stop after it) — identical on every rank."""
-        flags = torch.stack([(~torch.isfinite(loss.detach())).any().float(),
-                             torch.tensor(float(self.stop.requested), device=loss.device)]).to(self.device)
-        nonfinite_ranks, stop = distributed.all_reduce_sum(flags).tolist()
-        skip = nonfinite_ranks > 0
-        if skip:
-            bad = distributed.all_gather_object(bool(not torch.isfinite(loss.detach()).all()))
-            ranks = [r for r, b in enumerate(bad) if b]
-            self.consecutive += 1
-            self.skipped_total += 1
-            log.warning("step %d: non-finite loss on rank(s) %s; update skipped (%d in a row, limit %d)",
-                        step, ranks, self.consecutive, self.max_consecutive)
-            if self.consecutive >= self.max_consecutive:
-                raise NonFiniteLossError(f"{self.consecutive} consecutive steps with a non-finite loss (last at "
-                                         f"step {step}, ranks {ranks}); stopping with the last good checkpoint")
-        else:
-            self.consecutive = 0
-        if stop > 0 and not self.stop.requested:
+    def nonfinite_anywhere(self, local_nonfinite: torch.Tensor) -> torch.Tensor:
+        """found_inf: 1.0 on every rank if the loss was not finite on any rank in this step, else 0.0 (device)."""
+        flag = local_nonfinite.detach().float().reshape(1)
+        return (distributed.all_reduce_sum(flag.clone()) > 0).float().reshape(())
+
+    def record(self, skipped: torch.Tensor, local_nonfinite: torch.Tensor) -> None:
+        """A step whose update was skipped (1.0) or taken (0.0), and whether this rank's loss was not finite."""
+        self._run = (self._run + 1) * skipped
+        self._longest = torch.maximum(self._longest, self._run)
+        self._skipped = self._skipped + skipped
+        self._local_bad = self._local_bad + local_nonfinite.detach().float().reshape(())
+
+    def sync(self, step: int) -> bool:
+        """The exchange (a collective: every rank calls it at the same steps): True if the run stops after `step`."""
+        local = torch.stack([self._skipped, self._longest, self._run, self._local_bad,
+                             torch.tensor(float(self.stop.requested), device=self.device)])
+        rows = distributed.all_gather_tensor(local).tolist()
+        skipped, longest, run = (int(v) for v in rows[0][:3])  # identical on every rank: found_inf was reduced
+        ranks = [r for r, row in enumerate(rows) if row[3] > 0]
+        stop = any(row[4] > 0 for row in rows)
+        first = self._last_synced_step + 1
+        self._last_synced_step = step
+        self._skipped, self._longest, self._local_bad = self._zero(), self._zero(), self._zero()
+        self.skipped_total += skipped
+        self.consecutive = run
+        if skipped:
+            cause = f"non-finite loss on rank(s) {ranks}" if ranks else "non-finite gradients"
+            log.warning("steps %d-%d: %d update(s) skipped, %s (at most %d in a row, limit %d)", first, step,
+                        skipped, cause, longest, self.max_consecutive)
+        if longest >= self.max_consecutive:
+            raise NonFiniteLossError(f"{longest} consecutive steps with a non-finite loss (between steps {first} and "
+                                     f"{step}, ranks {ranks}); stopping with the last good checkpoint")
+        if stop and not self.stop.requested:
             self.stop.requested = True
             self.stop.name = self.stop.name or "a signal on another rank"
-        return skip, stop > 0
+        return stop

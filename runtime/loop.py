@@ -92,19 +92,13 @@ def resume_run(resume: str, store: CheckpointStore, strategy, env: distributed.D
 def save_run(store: CheckpointStore, strategy, step: int, cfg: Any, extra: Dict[str, Any]) -> None:
     """A checkpoint with every rank's RNG state and the resolved config (a collective: all ranks call it)."""
     rng = distributed.all_gather_object(capture_rng_state(strategy.device))
-    strategy.save_checkpoint(store, step, {"step": step, "rng": rng, "config": config_to_dict(cfg), "scaler": None,
-                                           **extra})
+    strategy.save_checkpoint(store, step, {"step": step, "rng": rng, "config": config_to_dict(cfg), **extra})
 
 
-def to_device(batch: Dict[str, Any], device: torch.device, float_dtype: Optional[torch.dtype] = None):
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            v = v.to(device, non_blocking=True)
-            if float_dtype is not None and v.is_floating_point():
-                v = v.to(float_dtype)
-        out[k] = v
-    return out
+def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """The batch's tensors on `device` (asynchronous from the loader's pinned memory); dtypes stay as they are:
+    the job's `prepare` casts what the model reads (targets such as cached teacher embeddings stay fp32)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def inject_faults(debug, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
@@ -118,11 +112,10 @@ def inject_faults(debug, loss: torch.Tensor, step: int, rank: int) -> torch.Tens
 
 @dataclass
 class StepResult:
-    loss: Optional[torch.Tensor]
+    loss: torch.Tensor                  # the last micro-batch's loss (device)
     terms: Dict[str, torch.Tensor]
-    skipped: bool
-    stop: bool
-    grad_norm: torch.Tensor
+    skipped: torch.Tensor               # 1.0 if the update was skipped (device)
+    grad_norm: Any                      # a device tensor (DDP), or the number DeepSpeed reports
     data_time: float
     corrupt: int
     last_batch: Dict[str, Any] = field(default_factory=dict)
@@ -130,35 +123,33 @@ class StepResult:
 
 
 def optimizer_step(strategy, batches: Iterator[Dict[str, Any]], forward: Forward, guard: StepGuard, step: int,
-                   accum_steps: int, precision: str, device: torch.device, input_dtype: Optional[torch.dtype] = None,
+                   accum_steps: int, precision: str, device: torch.device,
                    on_loss: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
                    on_first_batch: Optional[Callable[[Dict[str, Any]], None]] = None,
                    prepare: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> StepResult:
-    """Micro-batches through forward/backward (DDP no_sync between boundaries), the guard's verdict before each
-    backward (skip on a non-finite loss anywhere, stop on a signal anywhere), then the optimizer step. `prepare`
-    runs on each micro-batch once it is on the device (e.g. uint8 images -> normalised floats)."""
-    data_time, corrupt, skipped, stop = 0.0, 0, False, False
-    loss, terms, output, batch = None, {}, None, {}
+    """Micro-batches through forward and backward (DDP no_sync between boundaries), then the optimizer step,
+    skipped on the device on every rank if any rank's loss was not finite (guard.nonfinite_anywhere). Nothing here
+    waits for the device: the decisions that need the host are the guard's, at sync points. `prepare` runs on each
+    micro-batch once it is on the device (e.g. uint8 images -> normalised floats)."""
+    data_time, corrupt = 0.0, 0
+    loss, terms, output, batch, nonfinite = None, {}, None, {}, None
     for micro in range(accum_steps):
         t0 = time.perf_counter()
         batch = next(batches)
         data_time += time.perf_counter() - t0
         corrupt += int(batch.pop("corrupt", 0))
-        batch = to_device(batch, device, input_dtype)
+        batch = to_device(batch, device)
         if prepare is not None:
             batch = prepare(batch)
-        if on_first_batch is not None:
+        if on_first_batch is not None and micro == 0:
             on_first_batch(batch)
         with strategy.accumulate(micro == accum_steps - 1), autocast(precision, device):
             loss, terms, output = forward(strategy.model, batch)
         if on_loss is not None:
             loss = on_loss(loss, step)
-        skip, stop_now = guard.check(loss, step)
-        stop = stop or stop_now
-        if skip:
-            strategy.skip()
-            skipped = True
-            break
-        strategy.backward(loss)
-    grad_norm = torch.tensor(float("nan")) if skipped else strategy.step()
-    return StepResult(loss, terms, skipped, stop, grad_norm, data_time, corrupt, batch, output)
+        bad = ~torch.isfinite(loss.detach())
+        nonfinite = bad if nonfinite is None else nonfinite | bad
+        strategy.backward(loss)  # a non-finite loss still goes back: its update is skipped below, on every rank
+    grad_norm, skipped = strategy.step(guard.nonfinite_anywhere(nonfinite))
+    guard.record(skipped, nonfinite)
+    return StepResult(loss, terms, skipped, grad_norm, data_time, corrupt, batch, output)

@@ -1,8 +1,9 @@
 """Training metrics: accumulated on device, reduced across ranks every N steps, written to TensorBoard and console."""
 import logging
+import math
 import time
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -14,9 +15,11 @@ log = logging.getLogger(__name__)
 class MetricLogger:
     """Window means of per-step values plus throughput (img/s) and the share of wall time spent waiting for data.
 
-    `update` only adds detached tensors on their device, so a step costs no host synchronisation; every `every`
-    steps one all-reduce of one vector and one `.tolist()` produce the window's numbers (means over steps and
-    ranks), which rank 0 writes to TensorBoard (`train/<name>`, `perf/img_per_s`, `perf/data_wait_share`, ...).
+    `update` adds device tensors on their device and host numbers on the host, so a step costs no host
+    synchronisation; every `every` steps one all-reduce of one vector and one `.tolist()` produce the window's
+    numbers (means over steps and ranks), which rank 0 writes to TensorBoard (`train/<name>`, `perf/img_per_s`,
+    `perf/data_wait_share`, ...). A value that is not finite (a skipped step's loss) is left out of its mean; a
+    name with no finite value in the window is left out of the window.
     """
 
     def __init__(self, log_dir: Optional[Union[str, Path]], every: int = 10, prefix: str = "train",
@@ -37,7 +40,9 @@ class MetricLogger:
         self._reset()
 
     def _reset(self) -> None:
-        self._sums: Dict[str, torch.Tensor] = {}
+        self._sums: Dict[str, torch.Tensor] = {}     # device values: finite sums and counts, on the device
+        self._counts: Dict[str, torch.Tensor] = {}
+        self._host: Dict[str, List[float]] = {}     # host numbers: [sum, count]
         self._steps = 0
         self._samples = 0
         self._data_time = 0.0
@@ -47,9 +52,17 @@ class MetricLogger:
                **values: Union[torch.Tensor, float]) -> Optional[Dict[str, float]]:
         """Add one step's values; returns the reduced window (on every rank) when `step` ends a window."""
         for name, value in values.items():
-            value = value.detach().float().reshape(()) if torch.is_tensor(value) else torch.tensor(float(value))
-            value = value.to(self.device, non_blocking=True)
-            self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+            if torch.is_tensor(value):
+                value = value.detach().float().reshape(())
+                finite = torch.isfinite(value)
+                value = torch.where(finite, value, torch.zeros_like(value))
+                self._sums[name] = self._sums[name] + value if name in self._sums else value
+                self._counts[name] = self._counts[name] + finite if name in self._counts else finite.float()
+            else:
+                total = self._host.setdefault(name, [0.0, 0])
+                if math.isfinite(float(value)):
+                    total[0] += float(value)
+                    total[1] += 1
         self._steps += 1
         self._samples += samples
         self._data_time += data_time
@@ -61,16 +74,21 @@ class MetricLogger:
         """Reduce the window across ranks (a collective: every rank must call it) and write it out."""
         if self._steps == 0:
             return {}
-        names = sorted(self._sums)
+        names, host_names = sorted(self._sums), sorted(self._host)
         elapsed = time.perf_counter() - self._t0
-        host = torch.tensor([self._steps, self._samples, self._data_time, elapsed], dtype=torch.float64)
-        vec = torch.cat([torch.stack([self._sums[n] for n in names]).double().cpu() if names
-                         else torch.zeros(0, dtype=torch.float64), host]).to(self.device)
+        host = [self._host[n][0] for n in host_names] + [self._host[n][1] for n in host_names] + [
+            self._steps, self._samples, self._data_time, elapsed]
+        on_device = torch.stack([self._sums[n] for n in names] + [self._counts[n] for n in names]).double() \
+            if names else torch.zeros(0, dtype=torch.float64, device=self.device)
+        vec = torch.cat([on_device, torch.tensor(host, dtype=torch.float64).to(self.device)])
         reduced = distributed.all_reduce_sum(vec).tolist()
         world = distributed.get_world_size()
-        steps, samples, data_time, elapsed_sum = reduced[len(names):]
+        k, h = len(names), len(host_names)
+        sums = dict(zip(names, reduced[:k])) | dict(zip(host_names, reduced[2 * k:2 * k + h]))
+        counts = dict(zip(names, reduced[k:2 * k])) | dict(zip(host_names, reduced[2 * k + h:2 * k + 2 * h]))
+        steps, samples, data_time, elapsed_sum = reduced[2 * k + 2 * h:]
         elapsed = elapsed_sum / world
-        out = {f"{self.prefix}/{n}": reduced[i] / steps for i, n in enumerate(names)}
+        out = {f"{self.prefix}/{n}": sums[n] / counts[n] for n in sorted(sums) if counts[n] > 0}
         out["perf/img_per_s"] = samples / elapsed if elapsed > 0 else 0.0
         out["perf/data_wait_share"] = (data_time / world) / elapsed if elapsed > 0 else 0.0
         self.write_scalars(step, out)

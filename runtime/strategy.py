@@ -3,7 +3,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -18,20 +18,28 @@ class DDPStrategy:
     """Wraps the model in DDP when there is more than one rank; owns backward, clipping and the optimizer step.
 
     Gradient accumulation: run each micro-batch inside `accumulate(boundary)`; only the last micro-batch of a step
-    (boundary=True) all-reduces gradients, the others run under DDP's `no_sync`.
+    (boundary=True) all-reduces gradients, the others run under DDP's `no_sync`. The gradients are views of DDP's
+    buckets (no copy). fp16 runs under a GradScaler; bf16 and fp32 need none.
     """
     name = "ddp"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 accum_steps: int = 1, clip_grad: Optional[float] = None):
+                 accum_steps: int = 1, clip_grad: Optional[float] = None, precision: str = "fp32"):
         self.module = model.to(device)
         self.device = device
         self.optimizer = optimizer
         self.accum_steps = accum_steps
         self.clip_grad = clip_grad
+        self.trained = [p for p in self.module.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        # fused AdamW reads `found_inf` and skips its update on the device; any other optimizer needs the host
+        self.skips_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         if distributed.get_world_size() > 1:
             ids = [device.index] if device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.module, device_ids=ids)
+            # static_graph stays off: DDP then all-reduces the first step's gradients only through the tensors it
+            # finds in the forward's output, and the pretrainer returns a dataclass (ranks diverged, measured);
+            # with no unused parameters (frozen ones are not DDP's) it would save nothing
+            self.model = DistributedDataParallel(self.module, device_ids=ids, gradient_as_bucket_view=True)
         else:
             self.model = self.module
 
@@ -41,28 +49,42 @@ class DDPStrategy:
         return self.model.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accum_steps).backward()
-
-    def skip(self) -> None:
-        """Drop the gradients of a step whose update is skipped (non-finite loss)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss / self.accum_steps
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def step(self) -> torch.Tensor:
-        """Clip (if configured), step, zero grads; returns the pre-clip gradient norm as a device tensor."""
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        max_norm = self.clip_grad if self.clip_grad else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
+    def step(self, found_inf: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Clip (if configured) and step unless `found_inf` (a device flag: some rank's loss was not finite) or the
+        gradient norm is not finite; zero the gradients. Returns (pre-clip gradient norm, skipped), both device
+        tensors: nothing here waits for the device. Under fp16 the GradScaler decides the skip (a non-finite loss
+        makes the gradients non-finite too) and `skipped` reports the loss flag alone, not its overflow steps."""
+        skipped = found_inf if found_inf is not None else torch.zeros((), device=self.device)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(self.trained, self.clip_grad)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.trained if p.grad is not None])
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            skipped = torch.maximum(skipped, (~torch.isfinite(norm)).float())
+            if self.skips_on_device:
+                self.optimizer.found_inf = skipped
+                self.optimizer.step()
+            elif not bool(skipped):
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.detach()
+        return norm.detach(), skipped
 
     def state_dict(self) -> Dict[str, Any]:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "strategy": self.name,
-                "world_size": distributed.get_world_size()}
+                "world_size": distributed.get_world_size(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def save_checkpoint(self, store: CheckpointStore, step: int, client_state: Dict[str, Any]) -> Optional[Path]:
         return store.save(step, {**self.state_dict(), **client_state})
@@ -76,6 +98,9 @@ class DDPStrategy:
                                   f"weights (run.resume=none model.init_from={path})")
         load_model_state(self.module, state.pop("model"))
         self.optimizer.load_state_dict(state.pop("optimizer"))
+        scaler = state.pop("scaler", None)
+        if self.scaler is not None and scaler:
+            self.scaler.load_state_dict(scaler)
         return state
 
 
@@ -94,7 +119,7 @@ class DeepSpeedStrategy:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  accum_steps: int, clip_grad: Optional[float], config_path: str, batch_per_rank: int,
-                 bf16: bool):
+                 precision: str = "fp32"):
         import deepspeed
         import deepspeed.ops
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a ~60 s JIT build we do not use
@@ -107,7 +132,8 @@ class DeepSpeedStrategy:
             raise ValueError(f"{path}: ZeRO stage {stage} is not supported here (1 or 2: full weights per rank)")
         ds_config.pop("train_batch_size", None)
         ds_config.update(train_micro_batch_size_per_gpu=batch_per_rank, gradient_accumulation_steps=accum_steps,
-                         gradient_clipping=clip_grad or 0.0, bf16={"enabled": bf16})
+                         gradient_clipping=clip_grad or 0.0, bf16={"enabled": precision == "bf16"},
+                         fp16={"enabled": precision == "fp16"})
         self.stage = stage
         self.accum_steps = accum_steps
         self.device = device
@@ -117,27 +143,32 @@ class DeepSpeedStrategy:
         distributed.release_at_shutdown(self.engine.destroy)  # drops the hooks that keep the engine and its groups
         self.module = self.engine.module
         self.model = self.engine
-        self.bf16 = bf16
+        self.precision = precision
+        self.base_optimizer = optimizer  # what ZeRO steps on its flat partitions: fused AdamW skips on found_inf
+        self.skips_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
     def accumulate(self, boundary: bool):
         return contextlib.nullcontext()  # DeepSpeed tracks the accumulation boundary itself
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
-        self.engine.step()  # an optimizer step only at DeepSpeed's accumulation boundary
-
-    def skip(self) -> None:
-        """A skipped micro-batch: no backward, no engine step. With accumulation this shifts DeepSpeed's
-        boundary by one micro-batch (README: deviations)."""
-        self.engine.zero_grad()
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # DeepSpeed counts micro-batches in step(); off the boundary it updates nothing
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def step(self) -> torch.Tensor:
+    def step(self, found_inf: Optional[torch.Tensor] = None) -> Tuple[Any, torch.Tensor]:
+        """DeepSpeed's optimizer step at the accumulation boundary, skipped on the device when `found_inf` is set
+        (the flag reaches the fused AdamW that ZeRO steps; DeepSpeed's own checks in step() may read the device:
+        its fp32 overflow check, its gradient norm). Returns (gradient norm as DeepSpeed gives it, skipped)."""
+        skipped = found_inf if found_inf is not None else torch.zeros((), device=self.device)
+        if self.skips_on_device:
+            self.base_optimizer.found_inf = skipped
+        self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else float(norm))
+        return (norm.detach() if torch.is_tensor(norm) else float("nan") if norm is None else float(norm)), skipped
 
     def save_checkpoint(self, store: CheckpointStore, step: int, client_state: Dict[str, Any]) -> Optional[Path]:
         def write_shards(directory: Path) -> None:
@@ -194,10 +225,10 @@ def make_strategy(name: str, model: torch.nn.Module, optimizer: torch.optim.Opti
                   accum_steps: int = 1, clip_grad: Optional[float] = None, deepspeed_config: Optional[str] = None,
                   batch_per_rank: int = 1, precision: str = "fp32"):
     if name == "ddp":
-        return DDPStrategy(model, optimizer, device, accum_steps, clip_grad)
+        return DDPStrategy(model, optimizer, device, accum_steps, clip_grad, precision)
     if name == "deepspeed":
         if not deepspeed_config:
             raise ValueError("train.strategy=deepspeed needs train.deepspeed_config (e.g. configs/deepspeed/zero2.json)")
         return DeepSpeedStrategy(model, optimizer, device, accum_steps, clip_grad, deepspeed_config, batch_per_rank,
-                                 bf16=precision == "bf16")
+                                 precision)
     raise ValueError(f"unknown strategy {name!r}; choose ddp or deepspeed")

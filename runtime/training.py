@@ -2,6 +2,7 @@
 metrics to TensorBoard and metrics.jsonl, and a summary of the whole run's log windows."""
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -12,6 +13,7 @@ from runtime import distributed
 from runtime.checkpoint import CheckpointStore
 from runtime.config import DebugConfig, config_to_yaml
 from runtime.guard import StepGuard, StopRequest
+from runtime.host_sync import HostSyncLog
 from runtime.loop import StepResult, inject_faults, optimizer_step, prepare_run, resume_run, save_run
 from runtime.metric_logger import MetricLogger
 from runtime.schedule import warmup_cosine_lr
@@ -84,7 +86,6 @@ class TrainingJob:
 
     name = "training"
     max_nonfinite = 3
-    input_dtype: Optional[torch.dtype] = None
 
     def __init__(self, cfg: Any, env: distributed.DistEnv, stop: Optional[StopRequest] = None,
                  debug: Optional[DebugConfig] = None):
@@ -133,6 +134,15 @@ class TrainingJob:
     def checkpoint_due(self, step: int) -> bool:
         return step % self.cfg.run.ckpt_every == 0 or step == self.total_steps
 
+    def sync_due(self, step: int) -> bool:
+        """A step where the host learns what the device knows (skipped updates, stop requests): log and checkpoint
+        steps, the last step (and a run's first). Every other step queues its work and moves on."""
+        return step % self.cfg.run.log_every == 0 or self.checkpoint_due(step) or step == self.total_steps
+
+    def busy_step(self, step: int) -> bool:
+        """A step where the job does more than train (evaluates, draws images): it may read the device."""
+        return False
+
     def close(self) -> None:
         """The loop is over (normally, by a stop or an error): release what on_start opened."""
 
@@ -170,40 +180,49 @@ class TrainingJob:
         if start == 0:
             logger.text("config", "```\n" + config_to_yaml(cfg) + "```")
         guard = StepGuard(self.max_nonfinite, self.device, self.stop)
+        syncs = HostSyncLog(self.run_dir, self.env.rank, self.device) if self.debug.count_host_syncs else None
         accum = cfg.optim.accum_steps
         stream = self.batches(start)
         stopped = False
         try:
             while state.step < self.total_steps and not stopped:
                 state.step += 1
-                lr = self.lr_at(state.step)
-                self.strategy.set_lr(lr)
-                done = optimizer_step(self.strategy, stream, self.forward, guard, state.step, accum, self.precision,
-                                      self.device, self.input_dtype,
-                                      on_loss=lambda loss, s: inject_faults(self.debug, loss, s, self.env.rank),
-                                      on_first_batch=self.on_first_batch if state.step == start + 1 else None,
-                                      prepare=self.prepare)
-                stopped = done.stop
-                values = {} if done.skipped else {"loss": done.loss.detach(),
-                                                  **{f"loss_{k}": v.detach() for k, v in done.terms.items()}}
-                window = logger.update(state.step, samples=self.batch_size * accum, data_time=done.data_time,
-                                       **values, grad_norm=done.grad_norm.to(self.device),
-                                       corrupt_samples=float(done.corrupt), skipped_steps=float(done.skipped))
-                if window:
-                    scalars = self.window_scalars(state, window, lr)
-                    logger.write_scalars(state.step, scalars)
-                    state.record_window({"step": state.step, **window, **scalars})
-                self.after_step(state, done, logger)
-                if self.checkpoint_due(state.step) or stopped:
-                    self.save(state)
+                with syncs.step(state.step, quiet=not (state.step == start + 1 or self.sync_due(state.step)
+                                                       or self.busy_step(state.step))) if syncs else nullcontext():
+                    stopped = self.train_step(state, stream, guard, logger, first=state.step == start + 1)
                 if self.debug.step_sleep_s:
                     time.sleep(self.debug.step_sleep_s)
         finally:
             stream.close()  # shuts the loader's workers down now, not at interpreter exit (where they would hang)
             self.close()
+            if syncs:
+                syncs.close()
         result = self.finish(state, logger, guard, start, stopped)
         logger.close()
         if stopped:
             log.warning("%s stopped by %s at step %d after saving a checkpoint; rerun (or requeue) to resume",
                         self.name, guard.signal_name, state.step)
         return result
+
+    def train_step(self, state: TrainState, stream: Iterator[Dict[str, Any]], guard: StepGuard,
+                   logger: MetricLogger, first: bool) -> bool:
+        """One optimizer step, its metrics, the sync point's decisions, the job's hook and the checkpoint; True if
+        the run stops after it."""
+        lr = self.lr_at(state.step)
+        self.strategy.set_lr(lr)
+        accum = self.cfg.optim.accum_steps
+        done = optimizer_step(self.strategy, stream, self.forward, guard, state.step, accum, self.precision,
+                              self.device, on_loss=lambda loss, s: inject_faults(self.debug, loss, s, self.env.rank),
+                              on_first_batch=self.on_first_batch if first else None, prepare=self.prepare)
+        window = logger.update(state.step, samples=self.batch_size * accum, data_time=done.data_time,
+                               loss=done.loss.detach(), **{f"loss_{k}": v.detach() for k, v in done.terms.items()},
+                               grad_norm=done.grad_norm, corrupt_samples=done.corrupt, skipped_steps=done.skipped)
+        if window:
+            scalars = self.window_scalars(state, window, lr)
+            logger.write_scalars(state.step, scalars)
+            state.record_window({"step": state.step, **window, **scalars})
+        stopped = guard.sync(state.step) if first or self.sync_due(state.step) else False
+        self.after_step(state, done, logger)
+        if self.checkpoint_due(state.step) or stopped:
+            self.save(state)
+        return stopped
