@@ -5,8 +5,10 @@ tar members -> shuffle buffer on raw bytes -> decode (corrupt samples dropped an
 transform -> batches that carry the number of samples dropped since the previous batch (`batch["corrupt"]`).
 """
 import io
+import itertools
 import math
 import multiprocessing as mp
+import os
 import random
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
@@ -21,6 +23,7 @@ from data_tools.images import ImageError, load_rgb
 from data_tools.remote import URL_TIMEOUT_S, shard_name
 from data_tools.tar_stream import CorruptCounter, tar_samples
 from runtime.launcher_watch import die_with_parent
+from runtime.seeding import seed_everything
 
 LOADER_TIMEOUT_S = 900     # a worker that delivers no batch for this long is an error, never a silent hang
 LOADER_JOIN_TIMEOUT_S = 5
@@ -28,16 +31,29 @@ MAX_FAILED_SAMPLES = 1000  # samples in a row the transform rejects: a wrong tra
 
 
 class SharedEpoch:
-    """An epoch number the main process sets and (forked) loader workers read when they start iterating."""
+    """Where the run is in its data, set by the main process and read by the loader's workers (forked, and kept
+    across passes) when a pass starts: the epoch, the segment (a run resumed part-way through an epoch, or a rank's
+    extra pass over plain shards, reads its own seeded stream) and the batches the pass owes this rank (resampled
+    shards are endless; 0: until the shards run out). Shared memory, so a running worker sees each new value."""
 
-    def __init__(self, epoch: int = 0):
-        self.value = mp.Value("i", epoch)
+    def __init__(self, epoch: int = 0, segment: int = 0, batches: int = 0):
+        self._values = mp.Array("q", [epoch, segment, batches])
 
-    def set(self, epoch: int) -> None:
-        self.value.value = epoch
+    def set(self, epoch: int, segment: int = 0, batches: Optional[int] = None) -> None:
+        self._values[0], self._values[1] = epoch, segment
+        if batches is not None:
+            self._values[2] = batches
 
     def get(self) -> int:
-        return self.value.value
+        return self._values[0]
+
+    @property
+    def segment(self) -> int:
+        return self._values[1]
+
+    @property
+    def batches(self) -> int:
+        return self._values[2]
 
 
 def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
@@ -52,15 +68,18 @@ def _worker() -> tuple:
 
 
 class ShardList(IterableDataset):
-    """Shard URLs for one rank and loader worker.
+    """Shard URLs for one rank and loader worker, for the pass the shared position describes.
 
     Plain: every epoch a permutation seeded by (seed, epoch), identical on all ranks, dealt to ranks then workers,
     so each shard is read exactly once per epoch. Resampled: shards drawn with replacement by weight, seeded by
-    (seed, epoch, rank, worker) — endless; `with_epoch` fixes the number of batches.
+    (seed, epoch, segment, rank, worker) — endless; `limit_batches` ends the pass. In a loader worker the pass also
+    reseeds python, numpy and torch from (seed, epoch, segment, rank, worker): the augmentations of a pass depend on
+    where it is in the run, not on what the (persistent) worker drew before, so a resumed run draws what an
+    uninterrupted one does.
     """
 
     def __init__(self, sources: Sequence[Sequence[str]], weights: Optional[Sequence[float]], resampled: bool,
-                 seed: int, epoch: SharedEpoch, rank: int, world_size: int, segment: int = 0):
+                 seed: int, epoch: SharedEpoch, rank: int, world_size: int):
         self.urls: List[str] = []
         self.url_weights: List[float] = []
         weights = weights or [1.0] * len(sources)
@@ -73,13 +92,14 @@ class ShardList(IterableDataset):
             self.url_weights += [weight / len(urls)] * len(urls)  # a source's weight shared by its shards
         self.resampled, self.seed, self.epoch = resampled, seed, epoch
         self.rank, self.world_size = rank, world_size
-        self.segment = segment  # a run resumed part-way through an epoch reads a new, seeded stream
 
     def __iter__(self) -> Iterator[Dict[str, str]]:
-        epoch = self.epoch.get()
+        epoch, segment = self.epoch.get(), self.epoch.segment
         worker, n_workers = _worker()
+        if get_worker_info() is not None:
+            seed_everything(_derived_seed(f"{self.seed}/{epoch}/{segment}/{self.rank}/{worker}/augment"))
         if self.resampled:
-            rng = random.Random(f"{self.seed}/{epoch}/{self.segment}/{self.rank}/{worker}")
+            rng = random.Random(f"{self.seed}/{epoch}/{segment}/{self.rank}/{worker}")
             while True:
                 yield {"url": rng.choices(self.urls, weights=self.url_weights)[0]}
         urls = list(self.urls)
@@ -88,15 +108,28 @@ class ShardList(IterableDataset):
             yield {"url": url}
 
 
-def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int, segment: int = 0):
-    """Shuffle buffer over raw samples (before decoding) with a seed from (seed, epoch, rank, worker)."""
+def _derived_seed(text: str) -> int:
+    import hashlib
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+
+
+def seeded_shuffle(bufsize: int, seed: int, epoch: SharedEpoch, rank: int):
+    """Shuffle buffer over raw samples (before decoding) with a seed from (seed, epoch, segment, rank, worker)."""
     def stage(src: Iterable[Dict[str, Any]]):
         if bufsize <= 1:
             yield from src
             return
         worker, _ = _worker()
-        rng = random.Random(f"{seed}/{epoch.get()}/{segment}/{rank}/{worker}/shuffle")
+        rng = random.Random(f"{seed}/{epoch.get()}/{epoch.segment}/{rank}/{worker}/shuffle")
         yield from _shuffle(src, bufsize=bufsize, initial=min(bufsize, 100), rng=rng)
+    return stage
+
+
+def limit_batches(epoch: SharedEpoch):
+    """This worker's share of the batches the pass owes (ceil(owed / workers)): resampled shards never run out."""
+    def stage(src: Iterable[Dict[str, Any]]):
+        _, workers = _worker()
+        yield from itertools.islice(src, math.ceil(epoch.batches / workers))
     return stage
 
 
@@ -205,26 +238,28 @@ def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def batch_with_counts(batch_size: int, partial: bool, counter: CorruptCounter):
-    """Batches of the transformed samples; each carries `corrupt`, the samples dropped since the last batch.
+    """Batches of the transformed samples; each carries `corrupt`, the samples dropped since the last batch, and
+    `worker_pid`, the process that made it.
 
     One batch is held back until the next is complete (or the stream ends), so samples dropped after the
     last full batch are still reported, on the final batch.
     """
     def stage(src: Iterable[Dict[str, Any]]):
+        pid = os.getpid()
         held: Optional[Dict[str, Any]] = None
         buf: List[Dict[str, Any]] = []
         for sample in src:
             buf.append(sample)
             if len(buf) == batch_size:
                 if held is not None:
-                    yield {**held, "corrupt": counter.take()}
+                    yield {**held, "corrupt": counter.take(), "worker_pid": pid}
                 held, buf = collate(buf), []
         if buf and partial:
             if held is not None:
-                yield {**held, "corrupt": 0}
+                yield {**held, "corrupt": 0, "worker_pid": pid}
             held = collate(buf)
         if held is not None:
-            yield {**held, "corrupt": counter.take()}
+            yield {**held, "corrupt": counter.take(), "worker_pid": pid}
     return stage
 
 
@@ -238,10 +273,11 @@ def leave_stop_signals_to_main(worker_id: int) -> None:
 
 
 class ShardLoader(DataLoader):
-    """A DataLoader whose iteration, when it ends (exhausted, closed or dropped), shuts the workers down and waits
-    for its queue-feeder threads to exit. A worker forked while another thread of the process is exiting can
-    deadlock inside CPython's fork before it runs a line (seen: an evaluation loader forked just as the training
-    loader's feeder threads were ending; rank 0 waited on it for ever, the other ranks in a collective)."""
+    """A DataLoader over shards. Not persistent: each iteration, when it ends (exhausted, closed or dropped), shuts
+    its workers down and waits for its queue-feeder threads to exit (a worker forked while another thread of the
+    process is exiting can deadlock inside CPython's fork before it runs a line: seen when an evaluation loader
+    forked just as the training loader's feeder threads were ending). Persistent: the same workers serve every
+    pass, each pass reading the shared position (SharedEpoch) when it starts; `close()` shuts them down."""
 
     def __iter__(self):
         from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
@@ -249,45 +285,66 @@ class ShardLoader(DataLoader):
         try:
             yield from it
         finally:
-            if isinstance(it, _MultiProcessingDataLoaderIter):
-                it._shutdown_workers()
-                for queue in getattr(it, "_index_queues", []):
-                    feeder = getattr(queue, "_thread", None)
-                    if feeder is not None:
-                        feeder.join(timeout=LOADER_JOIN_TIMEOUT_S)
+            if not self.persistent_workers and isinstance(it, _MultiProcessingDataLoaderIter):
+                _shut_down(it)
+
+    def close(self) -> None:
+        """Shut the persistent workers down (the trainer's stream does, when the run ends)."""
+        if self.persistent_workers and self._iterator is not None:
+            _shut_down(self._iterator)
+            self._iterator = None
+
+    @property
+    def num_batches(self) -> Optional[int]:
+        """Batches a pass of a resampled loader gives: the owed batches rounded up to a multiple of the workers."""
+        if not self.resampled:
+            return None
+        workers = max(1, self.num_workers)
+        return math.ceil(self.epoch.batches / workers) * workers
 
 
-def epoch_stream(loader_for: Callable[[int, int], Iterable[Dict[str, Any]]], steps_per_epoch: int, accum: int,
-                 start_step: int, epoch: SharedEpoch, no_batch: Callable[[Any], str]) -> Iterator[Dict[str, Any]]:
-    """A trainer's micro-batches from step `start_step` on, epoch after epoch, endlessly. Before each epoch the shared
-    epoch number is set; `loader_for(needed, segment)` builds a loader for the micro-batches the epoch still owes
-    (segment: where in the epoch it starts, so a resumed epoch reads a fresh seeded stream). A loader that runs
-    short (plain shards) is followed by another seeded pass, so every rank yields the same number; one that yields
-    nothing is an error (`no_batch(loader)` says what was read) rather than an endless loop."""
+def _shut_down(it) -> None:
+    it._shutdown_workers()
+    for queue in getattr(it, "_index_queues", []):
+        feeder = getattr(queue, "_thread", None)
+        if feeder is not None:
+            feeder.join(timeout=LOADER_JOIN_TIMEOUT_S)
+
+
+def epoch_stream(loader: Iterable[Dict[str, Any]], steps_per_epoch: int, accum: int, start_step: int,
+                 epoch: SharedEpoch, no_batch: Callable[[Any], str]) -> Iterator[Dict[str, Any]]:
+    """A trainer's micro-batches from step `start_step` on, epoch after epoch, endlessly, from one loader. Before
+    each pass the shared position is set (epoch; segment: where in the epoch the pass starts, so a resumed epoch
+    reads a fresh seeded stream; the micro-batches the epoch still owes) and the loader's workers pick it up. A pass
+    that runs short (plain shards) is followed by another on its own segment, so every rank yields the same number;
+    one that yields nothing is an error (`no_batch(loader)` says what was read) rather than an endless loop. The
+    loader is closed when the stream is."""
     current, in_epoch = divmod(start_step, steps_per_epoch)
-    while True:
-        epoch.set(current)
-        needed, segment = (steps_per_epoch - in_epoch) * accum, in_epoch
-        while needed > 0:
-            loader, got = loader_for(needed, segment), 0
-            batches = iter(loader)
-            try:
-                for batch in batches:
-                    got += 1
-                    yield batch
-                    needed -= 1
-                    if needed == 0:
-                        break
-            finally:
-                # shut this loader's workers down now, not whenever the garbage collector gets to it: a later
-                # loader forking its workers while these feeder threads exit can deadlock inside CPython's fork
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()
-            if got == 0:
-                raise RuntimeError(no_batch(loader))
-            segment += 1_000_003  # this rank's plain shards ran out: another pass, so ranks stay in step
-        current, in_epoch = current + 1, 0
+    try:
+        while True:
+            needed, segment = (steps_per_epoch - in_epoch) * accum, in_epoch
+            while needed > 0:
+                epoch.set(current, segment, needed)
+                got, batches = 0, iter(loader)
+                try:
+                    for batch in batches:
+                        got += 1
+                        yield batch
+                        needed -= 1
+                        if needed == 0:
+                            break
+                finally:
+                    close = getattr(batches, "close", None)
+                    if close is not None:  # a loader that is not persistent shuts its workers down now
+                        close()
+                if got == 0:
+                    raise RuntimeError(no_batch(loader))
+                segment += 1_000_003  # this rank's plain shards ran out: another pass, so ranks stay in step
+            current, in_epoch = current + 1, 0
+    finally:
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
 
 
 def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, batch_size: int,
@@ -295,14 +352,14 @@ def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, bat
                 epoch: Optional[SharedEpoch] = None, rank: int = 0, world_size: int = 1, resampled: bool = True,
                 batches_per_epoch: Optional[int] = None, weights: Optional[Sequence[float]] = None,
                 shuffle_buffer: int = 1000, image_format: str = "pil", drop_last: bool = True,
-                sidecar_dir: Optional[str] = None, segment: int = 0,
-                url_timeout_s: float = URL_TIMEOUT_S) -> DataLoader:
+                sidecar_dir: Optional[str] = None, url_timeout_s: float = URL_TIMEOUT_S,
+                persistent: bool = False) -> ShardLoader:
     """A DataLoader over shards. `urls`: a brace pattern, a list of shards, or a list of sources (lists) to mix
-    by `weights` (resampled only). `batches_per_epoch`: batches each rank gets per epoch (rounded up to a
-    multiple of num_workers; the loader's `num_batches` says how many) — required when resampled.
-    `sidecar_dir`: a directory of sidecar shards merged by key (sample["sidecar"]). `segment`: for a run resumed
-    part-way through an epoch, a different seeded stream for the rest of that epoch. Shards are paths, http(s)
-    URLs or `pipe:` commands; `url_timeout_s` bounds each connection and read."""
+    by `weights` (resampled only). `epoch`: the shared position its passes read (epoch, segment, batches owed);
+    `batches_per_epoch`, required when resampled, sets the batches owed (rounded up to a multiple of num_workers;
+    the loader's `num_batches` says how many). `sidecar_dir`: a directory of sidecar shards merged by key
+    (sample["sidecar"]). `persistent`: one set of workers for every pass (close() ends them). Shards are paths,
+    http(s) URLs or `pipe:` commands; `url_timeout_s` bounds each connection and read."""
     if isinstance(urls, str) or (urls and isinstance(urls[0], str)):
         sources = [expand_urls(urls)]
     else:
@@ -320,23 +377,23 @@ def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, bat
     if resampled and not batches_per_epoch:
         raise ValueError("resampled shards are endless: give batches_per_epoch")
     epoch = epoch or SharedEpoch()
+    if resampled:
+        epoch.set(epoch.get(), epoch.segment, batches_per_epoch)
     counter = CorruptCounter()
-    stages = [ShardList(sources, weights, resampled, seed, epoch, rank, world_size, segment),
-              tar_samples(counter, url_timeout_s)]
+    stages = [ShardList(sources, weights, resampled, seed, epoch, rank, world_size), tar_samples(counter, url_timeout_s)]
     if sidecar_dir:
         stages.append(attach_sidecar(sidecar_dir, counter))
-    stages += [seeded_shuffle(shuffle_buffer, seed, epoch, rank, segment), decode_samples(counter, image_format),
+    stages += [seeded_shuffle(shuffle_buffer, seed, epoch, rank), decode_samples(counter, image_format),
                transform_samples(transform, counter), batch_with_counts(batch_size, not drop_last, counter)]
-    pipeline = wds.DataPipeline(*stages)
-    num_batches = None
-    if batches_per_epoch:
-        per_worker = math.ceil(batches_per_epoch / workers)
-        pipeline = pipeline.with_epoch(per_worker)
-        num_batches = per_worker * workers
-    loader = ShardLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                         persistent_workers=False, worker_init_fn=leave_stop_signals_to_main,
+    if resampled:
+        stages.append(limit_batches(epoch))
+    # the loader's own generator: its per-pass seed draws must not move the trainer's global RNG (a resumed run
+    # would then draw other masks than an uninterrupted one); the workers seed themselves per pass (ShardList)
+    loader = ShardLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
+                         pin_memory=torch.cuda.is_available(), persistent_workers=persistent and num_workers > 0,
+                         worker_init_fn=leave_stop_signals_to_main, generator=torch.Generator(),
                          timeout=LOADER_TIMEOUT_S if num_workers else 0)
-    loader.num_batches = num_batches
+    loader.resampled = resampled
     loader.epoch = epoch
     loader.num_shards = n_shards
     loader.counter = counter  # the totals of this process's copy (all of them with num_workers=0)

@@ -138,12 +138,12 @@ class LabelledTransform:
                 "key": sample["__key__"]}
 
 
-def train_loader(info: DatasetInfo, transform, data_cfg, *, batches: int, seed: int, epoch: SharedEpoch,
-                 segment: int = 0) -> DataLoader:
+def train_loader(info: DatasetInfo, transform, data_cfg, *, batches: int, seed: int, epoch: SharedEpoch) -> DataLoader:
+    """The run's one training loader (persistent workers; each pass at the position `epoch` holds)."""
     return make_loader(info.shards("train"), batch_size=data_cfg.batch_size, transform=transform,
                        num_workers=data_cfg.num_workers, seed=seed, epoch=epoch, rank=distributed.get_rank(),
                        world_size=distributed.get_world_size(), resampled=True, batches_per_epoch=batches,
-                       shuffle_buffer=data_cfg.shuffle_buffer, drop_last=True, segment=segment)
+                       shuffle_buffer=data_cfg.shuffle_buffer, drop_last=True, persistent=True)
 
 
 def eval_loader(info: DatasetInfo, split: str, transform, data_cfg) -> Optional[DataLoader]:

@@ -131,10 +131,10 @@ class Finetuning(TrainingJob):
         return compute_metrics(self.task, outputs, targets, self.info.classes)
 
     def batches(self, start_step: int):
-        def loader_for(needed: int, segment: int):
-            return train_loader(self.info, self.train_transform, self.cfg.data, batches=needed,
-                                seed=self.cfg.run.seed, epoch=self.epoch, segment=segment)
-        return epoch_stream(loader_for, self.steps_per_epoch, self.cfg.optim.accum_steps, start_step, self.epoch,
+        loader = train_loader(self.info, self.train_transform, self.cfg.data,
+                              batches=self.steps_per_epoch * self.cfg.optim.accum_steps, seed=self.cfg.run.seed,
+                              epoch=self.epoch)
+        return epoch_stream(loader, self.steps_per_epoch, self.cfg.optim.accum_steps, start_step, self.epoch,
                             lambda loader: f"the training shards of {self.info.name} in {self.info.root} gave no "
                                            f"batch of {self.cfg.data.batch_size} in a whole pass")
 

@@ -94,11 +94,12 @@ def check_shards(patterns: Sequence[str]) -> List[List[str]]:
     return sources
 
 
-def build_loader(data, transform: PretrainTransform, *, batches: int, seed: int, epoch: SharedEpoch, rank: int,
-                 world_size: int, segment: int = 0):
-    sources = check_shards(data.train)
+def build_loader(data, transform: PretrainTransform, sources: List[List[str]], *, batches: int, seed: int,
+                 epoch: SharedEpoch, rank: int, world_size: int):
+    """The run's one loader over `sources` (check_shards' result): persistent workers, each pass at the position
+    `epoch` holds."""
     return make_loader(sources if len(sources) > 1 else sources[0], batch_size=data.batch_size, transform=transform,
                        num_workers=data.num_workers, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                        resampled=data.resampled, batches_per_epoch=batches if data.resampled else None,
                        weights=data.weights, shuffle_buffer=data.shuffle_buffer, drop_last=True, image_format="lazy",
-                       sidecar_dir=data.teacher_cache, segment=segment, url_timeout_s=data.url_timeout_s)
+                       sidecar_dir=data.teacher_cache, url_timeout_s=data.url_timeout_s, persistent=True)

@@ -54,7 +54,7 @@ class Pretraining(TrainingJob):
         self.max_nonfinite = cfg.train.max_nonfinite
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.batch_size = cfg.data.batch_size
-        check_shards(cfg.data.train)  # missing or empty shards: an error naming them, before anything is built
+        self.sources = check_shards(cfg.data.train)  # missing or empty shards: an error naming them, once per run
         distill = needs_teacher(loss_weights(cfg.loss))
         if cfg.teacher.cached and cfg.data.teacher_cache and distill:
             check_teacher_cache(cfg.data.teacher_cache, cfg.teacher)
@@ -92,16 +92,16 @@ class Pretraining(TrainingJob):
         self.dropped = 0
 
     def batches(self, start_step: int):
-        """Micro-batches from start_step on, epoch by epoch; each rank gets the same number."""
-        def loader_for(needed: int, segment: int):
-            return build_loader(self.cfg.data, self.transform, batches=needed, seed=self.cfg.run.seed,
-                                epoch=self.epoch, rank=self.env.rank, world_size=self.env.world_size, segment=segment)
+        """Micro-batches from start_step on, epoch by epoch, from one loader; each rank gets the same number."""
+        loader = build_loader(self.cfg.data, self.transform, self.sources,
+                              batches=self.steps_per_epoch * self.cfg.optim.accum_steps, seed=self.cfg.run.seed,
+                              epoch=self.epoch, rank=self.env.rank, world_size=self.env.world_size)
 
         def no_batch(loader) -> str:
             return (f"rank {self.env.rank}: a whole pass over its {loader.num_shards} shards of {self.cfg.data.train} "
                     f"gave no batch of {self.cfg.data.batch_size} (unreadable shards or too few samples; the "
                     f"warnings above name each shard that failed)")
-        return epoch_stream(loader_for, self.steps_per_epoch, self.cfg.optim.accum_steps, start_step, self.epoch,
+        return epoch_stream(loader, self.steps_per_epoch, self.cfg.optim.accum_steps, start_step, self.epoch,
                             no_batch)
 
     def prepare(self, batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -111,7 +111,7 @@ class Pretraining(TrainingJob):
         if self.keys_log is not None:
             step = self.state.step
             self.keys_log.write(json.dumps({"step": step, "epoch": (step - 1) // self.steps_per_epoch,
-                                            "keys": batch["key"]}) + "\n")
+                                            "keys": batch["key"], "worker_pid": batch.get("worker_pid")}) + "\n")
         out = model(batch)
         return out.loss, out.terms, out
 

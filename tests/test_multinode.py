@@ -92,15 +92,20 @@ def trainer_args(shards: str, out: Path, *extra: str) -> list:
 
 
 def check_run(out: Path, total_samples: int = 160) -> dict:
-    """4 ranks, 2 on each node, identical weights; every sample read exactly once per epoch across the ranks."""
+    """4 ranks, 2 on each node, identical weights; every sample read exactly once per epoch across the ranks; in a
+    run that was not interrupted, each rank's one loader worker made its batches of both epochs."""
     result = json.loads((out / "result.json").read_text())
     assert result["final_step"] == 10 and result["world_size"] == 4 and result["ranks_in_sync"], result
     assert Counter(result["hosts"]) == {"node1": 2, "node2": 2}
     per_epoch = {0: [], 1: []}
     for log in sorted((out / "keys").glob("rank*.jsonl")):
+        workers = {0: set(), 1: set()}
         for line in log.read_text().splitlines():
             record = json.loads(line)
             per_epoch[record["epoch"]] += record["keys"]
+            workers[record["epoch"]].add(record["worker_pid"])
+        if result["resumed_from_step"] == 0:
+            assert len(workers[0]) == 1 and workers[0] == workers[1], (log.name, workers)
     for epoch, keys in per_epoch.items():
         assert len(keys) == total_samples and len(set(keys)) == total_samples, (epoch, Counter(keys).most_common(3))
     return result

@@ -155,17 +155,58 @@ def test_the_epoch_stream_owes_each_epoch_its_batches_and_refuses_an_empty_pass(
     from data_tools.reader import epoch_stream
     calls, epochs = [], SharedEpoch()
 
-    def loader_for(needed, segment):  # a loader of plain shards that holds only 5 batches per pass
-        calls.append((epochs.get(), needed, segment))
-        return iter([{"epoch": epochs.get(), "segment": segment}] * 5)
-    stream = epoch_stream(loader_for, steps_per_epoch=4, accum=2, start_step=6, epoch=epochs,
+    class PlainLoader:  # a loader of plain shards that holds only 5 batches per pass
+        closed = False
+
+        def __iter__(self):
+            calls.append((epochs.get(), epochs.batches, epochs.segment))
+            return iter([{"epoch": epochs.get(), "segment": epochs.segment}] * 5)
+
+        def close(self):
+            self.closed = True
+    loader = PlainLoader()
+    stream = epoch_stream(loader, steps_per_epoch=4, accum=2, start_step=6, epoch=epochs,
                           no_batch=lambda loader: "nothing read")
     batches = [next(stream) for _ in range(18)]
+    assert not loader.closed
     stream.close()
+    assert loader.closed  # the stream owns its loader: closing one ends the other's workers
     # resumed at step 6 of 4-step epochs: epoch 1 owes 2 steps x 2 micro-batches; epochs 2 and 3 owe 8 each, which
     # 5-batch passes deliver in two, the second pass on its own seeded segment
     assert calls == [(1, 4, 2), (2, 8, 0), (2, 3, 1_000_003), (3, 8, 0), (3, 3, 1_000_003)]
     assert [b["epoch"] for b in batches] == [1] * 4 + [2] * 8 + [3] * 6
-    empty = epoch_stream(lambda needed, segment: iter([]), 4, 1, 0, SharedEpoch(), lambda loader: "nothing read")
+    empty = epoch_stream([], 4, 1, 0, SharedEpoch(), lambda loader: "nothing read")
     with pytest.raises(RuntimeError, match="nothing read"):
         next(empty)
+
+
+def pid_and_key(sample):
+    import os
+    return {"key": sample["__key__"], "pid": os.getpid()}
+
+
+@pytest.mark.parametrize("mode", ["plain", "resampled"])
+def test_one_persistent_loader_serves_every_epoch_with_the_same_workers(shards, mode):
+    """epoch_stream over one persistent loader: the same two worker processes make every batch of every epoch (the
+    batches say so, and so does each sample's transform); plain epochs still read each sample exactly once, in a
+    new order each epoch; resampled epochs owe their fixed number of batches."""
+    from data_tools.reader import epoch_stream
+    epoch = SharedEpoch()
+    plain = mode == "plain"
+    loader = make_loader(str(shards / "{00000..00009}.tar"), batch_size=4, transform=pid_and_key, num_workers=2,
+                         seed=3, epoch=epoch, resampled=not plain, batches_per_epoch=None if plain else 6,
+                         drop_last=False, persistent=True)
+    steps = 16 if plain else 6  # 2 workers x 30 samples in batches of 4: 7 full and 1 of 2 each
+    stream = epoch_stream(loader, steps_per_epoch=steps, accum=1, start_step=0, epoch=epoch,
+                          no_batch=lambda loader: "nothing read")
+    per_epoch = [[next(stream) for _ in range(steps)] for _ in range(3)]
+    stream.close()
+    pids = [{b["worker_pid"] for b in batches} for batches in per_epoch]
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
+    assert all({int(p) for b in batches for p in b["pid"]} == pids[0] for batches in per_epoch)
+    keys = [[k for b in batches for k in b["key"]] for batches in per_epoch]
+    if plain:
+        assert all(sorted(k) == sorted(all_keys(shards)) for k in keys) and keys[0] != keys[1]
+    else:
+        assert all(len(k) == 6 * 4 for k in keys) and keys[0] != keys[1]
+    assert loader._iterator is None  # closed with the stream: no worker left
