@@ -380,7 +380,8 @@ def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, bat
     if resampled:
         epoch.set(epoch.get(), epoch.segment, batches_per_epoch)
     counter = CorruptCounter()
-    stages = [ShardList(sources, weights, resampled, seed, epoch, rank, world_size), tar_samples(counter, url_timeout_s)]
+    stages = [ShardList(sources, weights, resampled, seed, epoch, rank, world_size),
+              tar_samples(counter, url_timeout_s)]
     if sidecar_dir:
         stages.append(attach_sidecar(sidecar_dir, counter))
     stages += [seeded_shuffle(shuffle_buffer, seed, epoch, rank), decode_samples(counter, image_format),

@@ -23,9 +23,10 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from data_tools.registry import UnknownDatasetError  # noqa: E402
 from finetune.config import AdaptConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
-from runtime import distributed  # noqa: E402
+from runtime.device import DeviceError  # noqa: E402
 from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
 from runtime.loop import run_job  # noqa: E402
+from runtime.strategy import init_distributed_for  # noqa: E402
 
 log = logging.getLogger("finetune.adapt_teacher")
 
@@ -34,7 +35,7 @@ def adapt(cfg: AdaptConfig, stop: StopRequest) -> int:
     from finetune.data import patch_timm_posterize
     from finetune.teacher_adaptation import TeacherAdaptation
     patch_timm_posterize()
-    env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
+    env = init_distributed_for("ddp", cfg.run.dist_timeout_s, cfg.run.device, cfg.train.precision)
     TeacherAdaptation(cfg, env, stop).run()
     return 0
 
@@ -47,7 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shortcuts = ([f"data.dataset={args.dataset}"] if args.dataset else []) + \
         ([f"data.root={args.data}"] if args.data else [])
     return run_job(AdaptConfig, rest + shortcuts, __doc__, log, adapt,
-                   expected=(UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError))
+                   expected=(UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError,
+                             DeviceError))
 
 
 if __name__ == "__main__":

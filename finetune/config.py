@@ -1,7 +1,7 @@
 """The fine-tuning job's config (encoder, data, augmentation, training mode, plus run and optim from runtime), and
 the teacher-adaptation job's."""
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Tuple
+from typing import List, Literal, Optional, Tuple, Union
 
 from runtime.config import DebugConfig, OptimConfig, RunConfig
 
@@ -20,7 +20,7 @@ class FinetuneDataConfig:
     dataset: str                        # required: a registry name (FI, Emotion6, ...) or the name of a sharded set
     root: Optional[str] = None          # shards made by data_tools (has info.json), or an image folder to shard
     batch_size: int = 16                # per rank
-    num_workers: int = 4
+    num_workers: Union[int, Literal["auto"]] = 4  # auto: this rank's CPUs less 2 (runtime/device.py)
     shuffle_buffer: int = 1000
 
 
@@ -42,8 +42,9 @@ class FinetuneTrainConfig:
     epochs: int = 100
     mode: Literal["finetune", "linear_probe"] = "finetune"
     layer_decay: float = 0.75           # layer-wise lr decay (applied; the reference parsed but ignored it)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # see pretrain.config
     max_nonfinite: int = 3
+    compile: bool = False               # torch.compile each transformer block
     probe_lrs: List[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     probe_epochs: int = 90
 
@@ -78,7 +79,7 @@ class AdaptTrainConfig:
     freeze_text: bool = True            # keep the text tower as it is (open_clip's lock_text_tower)
     vision_unlocked_groups: Optional[int] = None  # train only the last k groups of the image tower (None: all)
     balanced: bool = True               # class-balanced draws (each class equally often per epoch)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # see pretrain.config
     max_nonfinite: int = 3
 
 

@@ -23,10 +23,11 @@ from runtime import distributed
 from runtime.atomic import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text
 from runtime.checkpoint import CheckpointStore
 from runtime.config import with_scaled_lr
+from runtime.device import compile_blocks
 from runtime.guard import StopRequest
 from runtime.metric_logger import MetricLogger
 from runtime.optim import adamw
-from runtime.precision import autocast, resolve_precision
+from runtime.precision import autocast
 from runtime.seeding import seed_everything
 from runtime.strategy import DDPStrategy
 from runtime.training import TrainingJob, TrainState
@@ -84,10 +85,10 @@ class Finetuning(TrainingJob):
 
     def __init__(self, cfg: FinetuneConfig, env: distributed.DistEnv, stop: Optional[StopRequest] = None,
                  on_epoch: Optional[Callable[[int, Dict], None]] = None):
-        super().__init__(with_scaled_lr(cfg, cfg.data.batch_size, env.world_size), env, stop, cfg.debug)
+        super().__init__(with_scaled_lr(cfg, cfg.data.batch_size, env.world_size), env, stop, cfg.debug,
+                         cfg.train.precision)
         cfg, self.on_epoch = self.cfg, on_epoch
         self.lr, self.max_nonfinite, self.batch_size = cfg.optim.lr, cfg.train.max_nonfinite, cfg.data.batch_size
-        self.precision = resolve_precision(cfg.train.precision, self.device)
         self.info = resolve_dataset(cfg.data.dataset, cfg.data.root, self.run_dir)
         self.task = self.info.task
         seed_everything(cfg.run.seed)
@@ -95,6 +96,8 @@ class Finetuning(TrainingJob):
         torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head on the loaded encoder
         torch.nn.init.zeros_(model.head.bias)
         self.img_size = model.patch_embed.img_size[0]
+        if cfg.train.compile:
+            compile_blocks(model.blocks)
         self.steps_per_epoch = max(1, self.info.sizes["train"] // self.samples_per_step)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         groups = param_groups_layer_decay(model, cfg.optim.weight_decay, model.no_weight_decay(),

@@ -17,6 +17,7 @@ from finetune.metrics import PRIMARY, compute_metrics
 from runtime import distributed
 from runtime.atomic import atomic_write_json
 from runtime.checkpoint import CheckpointStore
+from runtime.device import resolve_device, with_loader_workers
 from runtime.loop import prepare_run
 from runtime.precision import autocast, resolve_precision
 from runtime.seeding import seed_everything
@@ -83,8 +84,8 @@ class LinearProbe:
     """Linear heads on the frozen encoder's features (one per learning rate), the best on val tested."""
 
     def __init__(self, cfg: FinetuneConfig, env: distributed.DistEnv):
-        self.cfg, self.env = cfg, env
-        self.device = distributed.default_device(self.env)
+        self.cfg, self.env = with_loader_workers(cfg), env
+        self.device = resolve_device(self.env, cfg.run.device, cfg.train.precision)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.run_dir = Path(cfg.run.output_dir)
         self.info = resolve_dataset(cfg.data.dataset, cfg.data.root, self.run_dir)

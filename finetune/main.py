@@ -11,15 +11,16 @@ if __package__ in (None, ""):  # run as a file (torchrun finetune/main.py): make
 from data_tools.registry import UnknownDatasetError  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
-from runtime import distributed  # noqa: E402
+from runtime.device import DeviceError  # noqa: E402
 from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
 from runtime.loop import run_job  # noqa: E402
+from runtime.strategy import init_distributed_for  # noqa: E402
 
 log = logging.getLogger("finetune")
 
 
 def finetune(cfg: FinetuneConfig, stop: StopRequest) -> int:
-    env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
+    env = init_distributed_for("ddp", cfg.run.dist_timeout_s, cfg.run.device, cfg.train.precision)
     if cfg.train.mode == "linear_probe":
         from finetune.linear_probe import LinearProbe
         LinearProbe(cfg, env).run()
@@ -45,7 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shortcuts += ["encoder.from_scratch=true"] if args.from_scratch else []
     shortcuts += ["train.mode=linear_probe"] if args.linear_probe else []
     return run_job(FinetuneConfig, rest + shortcuts, __doc__, log, finetune,
-                   expected=(UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError))
+                   expected=(UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError,
+                             DeviceError))
 
 
 if __name__ == "__main__":

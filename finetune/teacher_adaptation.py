@@ -26,7 +26,6 @@ from runtime.checkpoint import CheckpointStore
 from runtime.config import with_scaled_lr
 from runtime.guard import StopRequest
 from runtime.optim import adamw
-from runtime.precision import resolve_precision
 from runtime.seeding import seed_everything
 from runtime.strategy import DDPStrategy
 from runtime.training import TrainingJob, TrainState
@@ -96,13 +95,13 @@ class TeacherAdaptation(Finetuning):
 
     def __init__(self, cfg: AdaptConfig, env: distributed.DistEnv, stop: Optional[StopRequest] = None):
         # Finetuning.__init__ builds a classifier, not wanted here: the skeleton's own set-up, then the teacher
-        TrainingJob.__init__(self, with_scaled_lr(cfg, cfg.data.batch_size, env.world_size), env, stop, cfg.debug)
+        TrainingJob.__init__(self, with_scaled_lr(cfg, cfg.data.batch_size, env.world_size), env, stop, cfg.debug,
+                            cfg.train.precision)
         cfg, self.on_epoch = self.cfg, None
         if cfg.aug.mixup or cfg.aug.cutmix or cfg.aug.smoothing:
             raise ValueError("aug.mixup, aug.cutmix and aug.smoothing have no meaning for contrastive "
                              "adaptation: set them to 0")
         self.lr, self.max_nonfinite, self.batch_size = cfg.optim.lr, cfg.train.max_nonfinite, cfg.data.batch_size
-        self.precision = resolve_precision(cfg.train.precision, self.device)
         self.info = resolve_dataset(cfg.data.dataset, cfg.data.root, self.run_dir)
         if self.info.task == REGRESSION:
             raise ValueError(f"{self.info.name} is a regression set: adaptation needs class labels")

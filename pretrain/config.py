@@ -1,6 +1,6 @@
 """The pretraining job's config: model, teacher, loss weights, data, training loop (plus run and optim from runtime)."""
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Tuple
+from typing import List, Literal, Optional, Tuple, Union
 
 from runtime.config import DebugConfig, OptimConfig, RunConfig, must_exist
 
@@ -54,7 +54,7 @@ class DataConfig:
     weights: Optional[List[float]] = None   # one per source (resampled only)
     teacher_cache: Optional[str] = None     # sidecar shards from pretrain.cache_teacher (teacher.cached=true)
     batch_size: int = 64                    # per rank and micro-step
-    num_workers: int = 4
+    num_workers: Union[int, Literal["auto"]] = 4  # auto: this rank's CPUs less 2 (runtime/device.py)
     shuffle_buffer: int = 2000
     resampled: bool = True                  # draw shards with replacement (fixed steps per epoch on every rank)
     samples_per_epoch: Optional[int] = None # default: the shards' sizes.json totals (needed for pipe: shards)
@@ -67,10 +67,11 @@ class TrainConfig:
     epochs: float = 100
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: Optional[str] = must_exist(None)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs >= 8.0, fp16 older, CPU fp32
     max_nonfinite: int = 3                  # consecutive skipped steps (non-finite loss) before the run stops
     image_every: int = 500                  # steps between reconstruction images in TensorBoard (0: never)
     peak_tflops: Optional[float] = None     # per device, for MFU; known GPUs are looked up, CPU needs a value
+    compile: bool = False                   # torch.compile each transformer block (encoder and decoder)
 
 
 @dataclass

@@ -21,11 +21,12 @@ from runtime import distributed
 from runtime.atomic import atomic_save_safetensors, atomic_write_json
 from runtime.checkpoint import CheckpointStore, load_checkpoint, load_model_state
 from runtime.config import with_scaled_lr
+from runtime.device import compile_blocks
 from runtime.flops import device_peak_tflops, training_step_flops
 from runtime.guard import StopRequest
 from runtime.metric_logger import MetricLogger
 from runtime.optim import adamw
-from runtime.precision import autocast, resolve_precision
+from runtime.precision import autocast
 from runtime.seeding import seed_everything
 from runtime.strategy import make_strategy
 from runtime.training import TrainingJob, TrainState
@@ -48,11 +49,11 @@ class Pretraining(TrainingJob):
     name = "pretraining"
 
     def __init__(self, cfg: PretrainConfig, env: distributed.DistEnv, stop: Optional[StopRequest] = None):
-        super().__init__(with_scaled_lr(cfg, cfg.data.batch_size, env.world_size), env, stop, cfg.debug)
+        super().__init__(with_scaled_lr(cfg, cfg.data.batch_size, env.world_size), env, stop, cfg.debug,
+                         cfg.train.precision)
         cfg = self.cfg
         self.lr = cfg.optim.lr
         self.max_nonfinite = cfg.train.max_nonfinite
-        self.precision = resolve_precision(cfg.train.precision, self.device)
         self.batch_size = cfg.data.batch_size
         self.sources = check_shards(cfg.data.train)  # missing or empty shards: an error naming them, once per run
         distill = needs_teacher(loss_weights(cfg.loss))
@@ -70,6 +71,8 @@ class Pretraining(TrainingJob):
             load_model_state(self.model, load_checkpoint(cfg.model.init_from)["model"])
         if teacher is not None:
             teacher.to(self.device)
+        if cfg.train.compile:
+            compile_blocks(self.model.mae.blocks, self.model.mae.decoder_blocks)
         groups = param_groups_weight_decay(self.model, cfg.optim.weight_decay, NO_WEIGHT_DECAY)
         optimizer = adamw(groups, cfg.optim)
         self.strategy = make_strategy(cfg.train.strategy, self.model, optimizer, self.device, cfg.optim.accum_steps,
@@ -123,8 +126,10 @@ class Pretraining(TrainingJob):
 
         def frozen():
             teacher.encode_image(batch["image"]), teacher.encode_text(batch["text"])
-        # the counting forward draws masks: on a forked RNG, so a resumed run draws what an uninterrupted one does
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        # the counting forward draws masks: on a forked RNG, so a resumed run draws what an uninterrupted one does;
+        # compiled blocks run eagerly for it (the counter sees the eager ops)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                torch.compiler.set_stance("force_eager"):
             return training_step_flops(lambda: model(batch), frozen if teacher is not None else None,
                                        context=lambda: autocast(self.precision, self.device))
 

@@ -9,6 +9,7 @@ if __package__ in (None, ""):  # run as a file (torchrun pretrain/main.py): make
 
 from pretrain.config import PretrainConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
+from runtime.device import DeviceError  # noqa: E402
 from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
 from runtime.loop import run_job  # noqa: E402
 from runtime.strategy import init_distributed_for  # noqa: E402
@@ -18,13 +19,13 @@ log = logging.getLogger("pretrain")
 
 def pretrain(cfg: PretrainConfig, stop: StopRequest) -> int:
     from pretrain.engine import EXIT_STOPPED, Pretraining
-    env = init_distributed_for(cfg.train.strategy, cfg.run.dist_timeout_s)
+    env = init_distributed_for(cfg.train.strategy, cfg.run.dist_timeout_s, cfg.run.device, cfg.train.precision)
     return EXIT_STOPPED if Pretraining(cfg, env, stop).run()["stopped"] else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_job(PretrainConfig, argv, __doc__, log, pretrain,
-                   expected=(NonFiniteLossError, CheckpointError, FileNotFoundError), traced=(ValueError,))
+                   expected=(NonFiniteLossError, CheckpointError, FileNotFoundError, DeviceError), traced=(ValueError,))
 
 
 if __name__ == "__main__":

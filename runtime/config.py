@@ -50,7 +50,9 @@ class RunConfig:
     ckpt_every: int = 100               # steps between checkpoints (one is always written at the end)
     keep_last: int = 3                  # rolling checkpoints kept
     milestone_every: int = 0            # steps between checkpoints kept forever (0: none)
-    dist_timeout_s: int = 600           # collective timeout: a crashed rank ends the others after this
+    dist_timeout_s: int = 1800          # collective timeout: a crashed rank ends the others after this; longer
+                                        # than the loader's 900 s, so a stalled loader is reported as itself
+    device: Literal["auto", "cuda", "cpu"] = "auto"   # auto: this rank's GPU if there is one (runtime/device.py)
 
 
 @dataclass

@@ -111,18 +111,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600, always: bool = False,
-                     libraries: Sequence[str] = ()) -> DistEnv:
+def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 1800, always: bool = False,
+                     libraries: Sequence[str] = (), device: Optional[torch.device] = None) -> DistEnv:
     """Start the process group (nccl on GPU, gloo on CPU) for the resolved environment. One process gets none
     unless `always` (DeepSpeed wants a group even then: a world of one on a free loopback port). `libraries`: the
     modules the job will use that, imported for the first time while a group exists, keep it alive past shutdown
-    (as torch._dynamo does, below): "deepspeed" for DeepSpeed runs. They are imported before the group starts."""
+    (as torch._dynamo does, below): "deepspeed" for DeepSpeed runs. They are imported before the group starts.
+    `device` (default: this rank's GPU if any) picks the backend; a CUDA device is bound to the group (device_id),
+    so NCCL connects eagerly to the right GPU."""
     env = env or resolve_env()
     if dist.is_initialized() or (env.world_size == 1 and not always):
         return env
     if env.world_size == 1 and env.launcher == "single":
         env = DistEnv(0, 0, 1, "127.0.0.1", free_port(), "single")
-    device = default_device(env)
+    device = device or default_device(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -137,7 +139,8 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600, always
     os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
                       LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size))
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                            timeout=datetime.timedelta(seconds=timeout_s),
+                            **({"device_id": device} if device.type == "cuda" else {}))
     if backend == "gloo":
         keep_gloo_thread_states()
     log.info("process group up: %s, world size %d, launcher %s", backend, env.world_size, env.launcher)

@@ -52,10 +52,11 @@ class HostSyncCounter(TorchFunctionMode):
     masks), `to` a CPU device, and device tensors built from host data (torch.tensor / as_tensor with a device).
 
     On a CPU run every tensor is on the host, so the counter cannot tell a read of a device result from one of a
-    host value: it counts them all, except inside torch.utils.data (the loader only handles host tensors), and a
+    host value: it counts them all, except inside torch.utils.data (the loader only handles host tensors). A
     `to(device)` whose target is the very device object the job moves batches with (`job_device`) is a
-    host-to-device copy, not counted; nor is a `to` called from torch's own code (see __torch_function__). Each call is attributed to DeepSpeed when DeepSpeed's code is on the stack
-    (its step may read the device), else to the project; `calls` keeps where each one came from."""
+    host-to-device copy, not counted; nor is a `to` called from torch's own code (see __torch_function__). Each
+    call is attributed to DeepSpeed when DeepSpeed's code is on the stack (its step may read the device), else to
+    the project; `calls` keeps where each one came from."""
 
     def __init__(self, job_device: Optional[torch.device] = None):
         super().__init__()

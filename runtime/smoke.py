@@ -23,7 +23,8 @@ from runtime.guard import StopRequest
 from runtime.loop import run_job
 from runtime.optim import adamw
 from runtime.seeding import seed_everything
-from runtime.strategy import DDPStrategy
+from runtime.device import DeviceError
+from runtime.strategy import DDPStrategy, init_distributed_for
 from runtime.training import TrainingJob, TrainState
 
 log = logging.getLogger("runtime.smoke")
@@ -95,12 +96,12 @@ class SmokeRun(TrainingJob):
 
 
 def smoke(cfg: SmokeConfig, stop: StopRequest) -> int:
-    env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
+    env = init_distributed_for("ddp", cfg.run.dist_timeout_s, cfg.run.device, "fp32")
     return 0 if SmokeRun(cfg, env, stop).run()["ranks_in_sync"] else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_job(SmokeConfig, argv, __doc__, log, smoke)
+    return run_job(SmokeConfig, argv, __doc__, log, smoke, expected=(DeviceError,))
 
 
 if __name__ == "__main__":

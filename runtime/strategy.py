@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from runtime import distributed
 from runtime.checkpoint import CheckpointError, CheckpointStore, load_checkpoint, load_model_state
+from runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +214,17 @@ def check_deepspeed_files(directory: Path) -> None:
                                       f"(GLOBAL {name}). Only load files you trust")
 
 
-def init_distributed_for(strategy: str, timeout_s: int = 600) -> distributed.DistEnv:
-    """The process group a strategy needs: DeepSpeed wants one even for a single process, and is imported before it
-    starts (imported later, it keeps the group alive past shutdown; see distributed.init_distributed)."""
+def init_distributed_for(strategy: str, timeout_s: int = 1800, device: str = "auto",
+                         precision: str = "auto") -> distributed.DistEnv:
+    """The process group a run needs, on the device it will train on (run.device, resolved first: a GPU asked for
+    and missing is an error before anything starts). DeepSpeed wants a group even for a single process, and is
+    imported before it starts (imported later, it keeps the group alive past shutdown; see
+    distributed.init_distributed)."""
+    env = distributed.resolve_env()
     deepspeed = strategy == "deepspeed"
-    return distributed.init_distributed(distributed.resolve_env(), timeout_s, always=deepspeed,
-                                        libraries=("deepspeed",) if deepspeed else ())
+    return distributed.init_distributed(env, timeout_s, always=deepspeed,
+                                        libraries=("deepspeed",) if deepspeed else (),
+                                        device=resolve_device(env, device, precision))
 
 
 def make_strategy(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,

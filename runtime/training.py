@@ -12,10 +12,12 @@ import torch
 from runtime import distributed
 from runtime.checkpoint import CheckpointStore
 from runtime.config import DebugConfig, config_to_yaml
+from runtime.device import configure_cuda, resolve_device, with_loader_workers
 from runtime.guard import StepGuard, StopRequest
 from runtime.host_sync import HostSyncLog
 from runtime.loop import StepResult, inject_faults, optimizer_step, prepare_run, resume_run, save_run
 from runtime.metric_logger import MetricLogger
+from runtime.precision import resolve_precision
 from runtime.schedule import warmup_cosine_lr
 
 log = logging.getLogger(__name__)
@@ -88,13 +90,14 @@ class TrainingJob:
     max_nonfinite = 3
 
     def __init__(self, cfg: Any, env: distributed.DistEnv, stop: Optional[StopRequest] = None,
-                 debug: Optional[DebugConfig] = None):
-        self.cfg, self.env = cfg, env
+                 debug: Optional[DebugConfig] = None, precision: str = "fp32"):
+        self.cfg, self.env = with_loader_workers(cfg), env
         self.stop = stop or StopRequest()
         self.debug = debug or DebugConfig()
-        self.device = distributed.default_device(env)
+        self.device = resolve_device(env, cfg.run.device, precision)
+        configure_cuda(self.device)
+        self.precision = resolve_precision(precision, self.device)
         self.run_dir = Path(cfg.run.output_dir)
-        self.precision = "fp32"
         self.state: Optional[TrainState] = None
         # set by the subclass
         self.strategy: Any = None

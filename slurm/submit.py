@@ -3,7 +3,9 @@
     python slurm/submit.py --nodes 2 --gpus-per-node 8 --partition gpu --timeout-min 2880 -- \
         --config configs/pretrain/vit_l16.yaml run.output_dir=runs/vit_l16 ...
 
-One submitit task per GPU (or per --tasks-per-node); each task is a rank. At a time limit or preemption submitit
+One submitit task per GPU (or per --tasks-per-node); each task is a rank with --cpus-per-task CPUs (10: eight loader
+workers, the rank and its pin-memory thread) and the job holds all of each node's memory. At a time limit or
+preemption submitit
 calls `checkpoint()`, which only resubmits the same job: the trainer always resumes from the run's `latest`
 checkpoint (written every run.ckpt_every steps), so nothing depends on a file the hook would have to write.
 """
@@ -51,10 +53,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--entry", choices=sorted(ENTRIES), default="pretrain")
     parser.add_argument("--folder", default="runs/submitit/%j", help="submitit's logs and pickles")
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=0)
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="default 8 on Slurm, 0 with --local; 0 for "
+                                                                       "CPU nodes")
     parser.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node (default: GPUs, or 1)")
-    parser.add_argument("--cpus-per-task", type=int, default=2)
-    parser.add_argument("--mem-gb", type=int, default=None)
+    parser.add_argument("--cpus-per-task", type=int, default=10,
+                        help="CPUs per rank: its loader workers (data.num_workers: auto uses them all but two) plus "
+                             "the rank and its pin-memory thread")
+    parser.add_argument("--mem-gb", type=int, default=None, help="memory per node (default: all of it)")
     parser.add_argument("--timeout-min", type=int, default=60)
     parser.add_argument("--partition", default=None)
     parser.add_argument("--job-name", default="uniemox")
@@ -63,14 +68,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("trainer_args", nargs=argparse.REMAINDER, help="-- then the trainer's --config and overrides")
     args = parser.parse_args(argv)
     trainer_args = args.trainer_args[1:] if args.trainer_args[:1] == ["--"] else args.trainer_args
-    tasks = args.tasks_per_node or max(1, args.gpus_per_node)
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else (0 if args.local else 8)
+    tasks = args.tasks_per_node or max(1, gpus)
     executor = submitit.AutoExecutor(folder=args.folder, cluster="local" if args.local else None)
     params = dict(nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
                   timeout_min=args.timeout_min, name=args.job_name)
-    if args.gpus_per_node:
-        params["gpus_per_node"] = args.gpus_per_node
+    if gpus:
+        params["gpus_per_node"] = gpus
     if args.mem_gb:
         params["mem_gb"] = args.mem_gb
+    elif not args.local:
+        params["slurm_mem"] = "0"  # all of the node's memory
     if args.partition and not args.local:
         params["slurm_partition"] = args.partition
     executor.update_parameters(**params)

@@ -116,7 +116,7 @@ def test_sbatch_pretraining_across_two_nodes(cluster, shards, tmp_path, strategy
     out = tmp_path / "run"
     extra = [] if strategy == "ddp" else ["train.strategy=deepspeed",
                                           "train.deepspeed_config=configs/deepspeed/zero2.json"]
-    submitted = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2",
+    submitted = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", "--gpus-per-node=0",
                             f"--output={tmp_path / 'job.log'}", "--export=ALL,NPROC_PER_NODE=2", "slurm/pretrain.sh",
                             *trainer_args(shards, out, *extra))
     job = submitted.stdout.strip().split(";")[0]
@@ -129,7 +129,7 @@ def test_sbatch_pretraining_across_two_nodes(cluster, shards, tmp_path, strategy
 def test_submitit_pretraining_across_two_nodes(cluster, shards, tmp_path):
     out = tmp_path / "run"
     args = trainer_args(shards, out)
-    done = cluster.run(sys.executable, "slurm/submit.py", "--nodes", NODES, "--tasks-per-node", 2,
+    done = cluster.run(sys.executable, "slurm/submit.py", "--nodes", NODES, "--tasks-per-node", 2, "--gpus-per-node", 0,
                        "--cpus-per-task", 1, "--timeout-min", 10, "--folder", tmp_path / "submitit" / "%j", "--wait",
                        "--", "--config", *args, timeout=300)
     assert "finished" in done.stdout
@@ -150,7 +150,8 @@ def wait_for_checkpoint(out: Path, step: int, timeout: float = 240) -> None:
 
 def test_requeue_resumes_on_both_nodes(cluster, shards, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
-    job = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", f"--output={log}",
+    job = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", "--gpus-per-node=0",
+                      f"--output={log}",
                       "--export=ALL,NPROC_PER_NODE=2", "slurm/pretrain.sh",
                       *trainer_args(shards, out, "train.epochs=4", "debug.step_sleep_s=0.4")).stdout.strip()
     wait_for_checkpoint(out, 5)
@@ -192,7 +193,8 @@ def test_a_node_killed_mid_run_ends_the_job_and_a_rerun_resumes(cluster, shards,
     out, log = tmp_path / "run", tmp_path / "job.log"
     timeout_s, ckpt_every = 60, 5
     args = trainer_args(shards, out, "train.epochs=4", "debug.step_sleep_s=0.4", f"run.dist_timeout_s={timeout_s}")
-    sbatch = ["sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", f"--output={log}",
+    sbatch = ["sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", "--gpus-per-node=0",
+              f"--output={log}",
               "--export=ALL,NPROC_PER_NODE=2", "--no-requeue", "slurm/pretrain.sh", *args]
     job = cluster.run(*sbatch).stdout.strip()
     wait_for_checkpoint(out, 7)
@@ -262,7 +264,8 @@ def test_sweep_across_two_nodes(cluster, tmp_path):
              "scheduler": {"name": "fifo"}, "resources_per_trial": {"cpu": 1}, "max_failures": 1}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     log = tmp_path / "job.log"
-    job = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", f"--output={log}",
+    job = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", "--gpus-per-node=0",
+                      f"--output={log}",
                       "slurm/sweep.sh", "--config", tmp_path / "sweep.yaml").stdout.strip()
     deadline = time.time() + 240
     while time.time() < deadline and not ray_trial_pids():
@@ -298,7 +301,8 @@ def test_ranks_on_both_nodes_stream_shards_from_a_server_with_faults(cluster, sh
         assert port.isdigit(), f"shard server did not start (exit {server.poll()})"
         out, log = tmp_path / "run", tmp_path / "job.log"
         url = f"http://node1:{port}/{{00000..00007}}.tar"
-        job = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", f"--output={log}",
+        job = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", "--gpus-per-node=0",
+                      f"--output={log}",
                           "--export=ALL,NPROC_PER_NODE=2", "slurm/pretrain.sh",
                           *trainer_args(url, out, "data.url_timeout_s=10")).stdout.strip()
         assert cluster.wait(job, {"COMPLETED"}) == "COMPLETED"

@@ -55,9 +55,9 @@ def wait_for(env, job_id, states, timeout=300):
     raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job_state(env, job_id)}")
 
 
-def sbatch(env, log, *args):
-    cmd = ["sbatch", "--parsable", f"--output={log}", "--export=ALL,NPROC_PER_NODE=2", "--cpus-per-task=2",
-           "slurm/pretrain.sh", "configs/pretrain/tiny.yaml", *args]
+def sbatch(env, log, *args, cpus=2):
+    cmd = ["sbatch", "--parsable", f"--output={log}", "--export=ALL,NPROC_PER_NODE=2", f"--cpus-per-task={cpus}",
+           "--gpus-per-node=0", "slurm/pretrain.sh", "configs/pretrain/tiny.yaml", *args]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
@@ -113,7 +113,8 @@ def test_sbatch_requeue_resumes(slurm, shards, tmp_path):
 @pytest.mark.parametrize("local", [False, True])
 def test_submitit(slurm, shards, tmp_path, local):
     out = tmp_path / "run"
-    cmd = [sys.executable, "slurm/submit.py", "--tasks-per-node", "2", "--cpus-per-task", "1", "--timeout-min", "10",
+    cmd = [sys.executable, "slurm/submit.py", "--tasks-per-node", "2", "--cpus-per-task", "1", "--gpus-per-node", "0",
+           "--timeout-min", "10",
            "--folder", str(tmp_path / "submitit"), "--wait", *(["--local"] if local else []), "--",
            *pretrain_args(shards, out, "train.epochs=1")[1:]]
     proc = subprocess.run(cmd, cwd=REPO, env=slurm, capture_output=True, text=True, timeout=300)
@@ -121,6 +122,21 @@ def test_submitit(slurm, shards, tmp_path, local):
     assert ("local" if local else "slurm") in proc.stdout
     result = json.loads((out / "result.json").read_text())
     assert result["final_step"] == 10 and result["world_size"] == 2 and result["ranks_in_sync"]
+
+
+@pytest.mark.parametrize("cpus", [8, 12])
+def test_a_job_gets_the_cpus_it_asked_for_and_the_loader_workers_follow(slurm, shards, tmp_path, cpus):
+    """The script's one task per node gets every CPU of the allocation (srun no longer inherits sbatch's
+    --cpus-per-task); with 2 ranks per node, data.num_workers=auto gives each rank its half less two."""
+    out = tmp_path / "run"
+    log = tmp_path / "job.log"
+    job = sbatch(slurm, log, *pretrain_args(shards, out, "train.epochs=1", "data.num_workers=auto")[3:],
+                 cpus=cpus)
+    assert wait_for(slurm, job, {"COMPLETED"}) == "COMPLETED"
+    assert f"per node: {cpus} CPUs" in log.read_text()
+    import yaml
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["num_workers"] == cpus // 2 - 2
+    assert json.loads((out / "result.json").read_text())["final_step"] == 10
 
 
 def test_sbatch_finetune(slurm, tmp_path):
@@ -133,8 +149,8 @@ def test_sbatch_finetune(slurm, tmp_path):
                  options=ImageOptions(detector="none"))
     out = tmp_path / "ft"
     cmd = ["sbatch", "--parsable", f"--output={tmp_path / 'job.log'}", "--export=ALL,NPROC_PER_NODE=2",
-           "slurm/finetune.sh", "--config", "configs/finetune/tiny.yaml", "--dataset", "Emotion6", "--data",
-           str(tmp_path / "shards"), "--from-scratch", f"run.output_dir={out}", "train.epochs=2",
+           "--gpus-per-node=0", "slurm/finetune.sh", "--config", "configs/finetune/tiny.yaml", "--dataset", "Emotion6",
+           "--data", str(tmp_path / "shards"), "--from-scratch", f"run.output_dir={out}", "train.epochs=2",
            "data.batch_size=8", "data.num_workers=0"]
     job = subprocess.run(cmd, cwd=REPO, env=slurm, capture_output=True, text=True, check=True).stdout.strip()
     assert wait_for(slurm, job, {"COMPLETED"}) == "COMPLETED"

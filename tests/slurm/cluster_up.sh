@@ -6,7 +6,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 BASE=${1:?usage: cluster_up.sh BASE}
 mkdir -p "$BASE"/{spool/ctld,spool/d,log,run}
 munge_up
-NODE_CPUS=$(nproc)
+# The node declares 16 CPUs whatever the machine has (SlurmdParameters=config_overrides), so a test can ask for
+# more CPUs than these few cores and check what the job is given; nothing binds processes to them (task/none).
+NODE_CPUS=${NODE_CPUS:-16}
 MEM=$(( $(awk '/MemTotal/{print int($2/1024)}' /proc/meminfo) * 9 / 10 ))
 {
 cat <<CONF
@@ -15,6 +17,7 @@ SlurmctldHost=localhost
 CONF
 common_conf
 cat <<CONF
+SlurmdParameters=config_overrides
 SlurmctldPidFile=$BASE/run/slurmctld.pid
 SlurmdPidFile=$BASE/run/slurmd.pid
 StateSaveLocation=$BASE/spool/ctld
