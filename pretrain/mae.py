@@ -98,6 +98,7 @@ class MaskedAutoencoderViT(nn.Module):
                                              for _ in range(arch.decoder_depth)])
         self.decoder_norm = norm_layer(arch.decoder_embed_dim)
         self.decoder_pred = nn.Linear(arch.decoder_embed_dim, arch.patch_size ** 2 * arch.in_chans, bias=True)
+        self._resampled: Dict[int, Tuple[tuple, torch.Tensor]] = {}  # side -> (table version, resampled table)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -161,13 +162,20 @@ class MaskedAutoencoderViT(nn.Module):
 
     def position_embedding(self, side: int) -> torch.Tensor:
         """The encoder's position table for a square input of `side` pixels: the table itself at the model's size,
-        otherwise resampled from it (bicubic, as timm does for a new input size), so both sizes share one table."""
+        otherwise resampled from it (bicubic, as timm does for a new input size), so both sizes share one table.
+        The table is fixed (sin-cos, no gradient): a resampled one is made once and kept until the table changes
+        (a load, a move to another device or dtype)."""
         if side == self.arch.img_size:
             return self.pos_embed
         if side % self.arch.patch_size:
             raise ValueError(f"input side {side} is not a multiple of the patch size {self.arch.patch_size}")
-        grid = side // self.arch.patch_size
-        return resample_abs_pos_embed(self.pos_embed, [grid, grid], num_prefix_tokens=1)
+        table = self.pos_embed
+        version = (table.data_ptr(), table._version, table.device, table.dtype)
+        kept = self._resampled.get(side)
+        if kept is None or kept[0] != version or table.requires_grad:
+            grid = side // self.arch.patch_size
+            kept = self._resampled[side] = (version, resample_abs_pos_embed(table, [grid, grid], num_prefix_tokens=1))
+        return kept[1]
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: Optional[torch.Tensor] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

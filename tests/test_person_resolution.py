@@ -58,6 +58,19 @@ def test_the_position_table_is_resampled_from_the_one_table():
                           TeacherConfig(checkpoint="random", arch=TINY_CLIP, cached=True))
 
 
+def test_the_resampled_table_is_made_once_and_follows_a_new_table():
+    """A step's person pass no longer resamples the table: the same tensor comes back until the table itself changes
+    (a load in place, a cast), and then it is the new table's resampling."""
+    mae = MaskedAutoencoderViT(get_arch("tiny"))
+    first = mae.position_embedding(16)
+    assert mae.position_embedding(16) is first
+    mae.load_state_dict({**mae.state_dict(), "pos_embed": mae.pos_embed.detach() * 2})
+    reloaded = mae.position_embedding(16)
+    assert reloaded is not first and torch.allclose(reloaded, first * 2, atol=1e-5)
+    mae.to(torch.bfloat16)
+    assert mae.position_embedding(16).dtype == torch.bfloat16
+
+
 def test_the_person_pass_has_a_quarter_of_the_tokens_and_is_masked_like_the_scene(teacher):
     m = model(teacher, 16)
     seen = []
