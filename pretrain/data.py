@@ -54,14 +54,18 @@ def _pixel_mean_std(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+def normalize_pixels(pixels: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) on their device -> ImageNet-normalised floats (fp32, or dtype)."""
+    mean, std = _pixel_mean_std(pixels.device)
+    return ((pixels.float() - mean) / std).to(dtype or torch.float32)
+
+
 def normalize_views(batch: Dict[str, Any], dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
     """The uint8 views of a batch (already on its device) -> ImageNet-normalised floats (fp32, or dtype)."""
     out = dict(batch)
     for key in VIEWS:
         if key in out and out[key].dtype == torch.uint8:
-            x = out[key]
-            mean, std = _pixel_mean_std(x.device)
-            out[key] = ((x.float() - mean) / std).to(dtype or torch.float32)
+            out[key] = normalize_pixels(out[key], dtype)
     return out
 
 

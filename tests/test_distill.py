@@ -18,7 +18,7 @@ from pretrain.losses import paired_similarity, relational_similarity
 from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import CLIPTeacher, TeacherError
 
-from conftest import TINY_CLIP
+from conftest import TINY_CLIP, run_torchrun
 from image_data import make_class_tree
 
 
@@ -204,6 +204,32 @@ def test_cache_teacher_command(teacher, tmp_path):
                         f"data.teacher_cache={tmp_path / 'cache'}", f"teacher.checkpoint={tmp_path / 'other.pt'}",
                         f"teacher.arch={TINY_CLIP}", "data.num_workers=0", "data.batch_size=4"])
     assert rc == 3 and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_cache_split_over_ranks_is_the_one_process_cache(teacher, tmp_path):
+    """torchrun with 2 ranks: rank 0 embeds shards 0, 2, 4, rank 1 shards 1, 3, each decoding in its loader workers;
+    together they write byte for byte what one process writes, and a rerun finds nothing left to do."""
+    make_class_tree(tmp_path / "src", ["a", "b"], per_class=10, size=40)
+    shard_folder("toy", str(tmp_path / "src"), str(tmp_path / "shards"), generic=True, ratios=(1.0, 0.0, 0.0),
+                 shard_size=4, min_shards=5, options=ImageOptions(detector="none"))
+    torch.save(teacher.model.state_dict(), tmp_path / "clip.pt")
+
+    def args(out):
+        return ["--shards", str(tmp_path / "shards" / "train" / "{00000..00004}.tar"), "--teacher-arch", TINY_CLIP,
+                "--teacher-checkpoint", str(tmp_path / "clip.pt"), "--out", str(out), "--batch-size", "3",
+                "--workers", "2"]
+    assert cache_main(args(tmp_path / "one")) == 0
+    proc = run_torchrun(2, "pretrain.cache_teacher", *args(tmp_path / "two"))
+    text = proc.stdout + proc.stderr  # (rank 1 logs warnings only; its progress bar shows its share)
+    assert "rank 0 of 2, 3 shards, 12 samples" in text and "teacher cache (rank 1): 100%" in text
+    assert "| 2/2 [" in text.split("teacher cache (rank 1): 100%")[1]
+    for shard in range(5):
+        name = f"{shard:05d}.tar"
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+        assert json.loads((tmp_path / "two" / f"{shard:05d}_stats.json").read_text())["samples"] == 4
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").iterdir()}
+    run_torchrun(2, "pretrain.cache_teacher", *args(tmp_path / "two"))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").iterdir()} == before
 
 
 def test_a_loss_term_is_declared_once_in_the_registry(teacher, monkeypatch):
