@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(PY) bench/pretrain_throughput.py --presets vit_b16 --teachers cached --strategies ddp zero1 zero2 --procs 1 2 \
 		--threads-per-rank 1 --out bench/results/weak_scaling.json
 	$(PY) bench/mae_step.py
+	$(PY) bench/gpu_ready.py
 	$(PY) bench/summary.py
 
 soak: $(STAMP)
