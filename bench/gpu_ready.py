@@ -92,7 +92,8 @@ def host_syncs(data: dict, root: Path) -> dict:
                    for line in path.read_text().splitlines()]
         quiet = [r for r in records if r["quiet"]]
         loud = [r for r in records if not r["quiet"]]
-        rows[name] = {"quiet_steps": len(quiet), "project_per_quiet_step": sum(r["project"] for r in quiet) / len(quiet),
+        rows[name] = {"quiet_steps": len(quiet),
+                      "project_per_quiet_step": sum(r["project"] for r in quiet) / len(quiet),
                       "deepspeed_per_quiet_step": sum(r["deepspeed"] for r in quiet) / len(quiet),
                       "project_per_sync_step": sum(r["project"] for r in loud) / max(1, len(loud)),
                       "project_calls_on_quiet_steps": sorted({(c["call"], c["where"]) for r in quiet

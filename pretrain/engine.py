@@ -57,7 +57,11 @@ class Pretraining(TrainingJob):
         self.batch_size = cfg.data.batch_size
         self.sources = check_shards(cfg.data.train)  # missing or empty shards: an error naming them, once per run
         distill = needs_teacher(loss_weights(cfg.loss))
-        if cfg.teacher.cached and cfg.data.teacher_cache and distill:
+        if cfg.teacher.cached and distill:
+            if not cfg.data.teacher_cache:
+                raise ValueError("teacher.cached=true needs data.teacher_cache=DIR, the sidecar shards of "
+                                 "`python -m pretrain.cache_teacher --shards ... --out DIR` (or teacher.cached=false "
+                                 "to run the teacher in every step)")
             check_teacher_cache(cfg.data.teacher_cache, cfg.teacher)
         samples = cfg.data.samples_per_epoch or count_samples(cfg.data.train, cfg.data.url_timeout_s)
         self.steps_per_epoch = max(1, samples // self.samples_per_step)
