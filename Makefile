@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv debs test demo bench soak clean
+.PHONY: venv debs test demo bench soak gpu-prep gpu-check clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,14 @@ bench: $(STAMP)
 	$(PY) bench/mae_step.py
 	$(PY) bench/gpu_ready.py
 	$(PY) bench/summary.py
+
+# The device check for a machine with a GPU (bench/gpu_check.py): gpu-prep here (wheels and shards to carry), then
+# gpu-check there (at most 8 minutes; bench/results/gpu_check.json).
+gpu-prep: $(STAMP)
+	bash bench/gpu_prep.sh
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 soak: $(STAMP)
 	$(PY) bench/exit_codes.py

@@ -79,6 +79,7 @@ class DebugConfig:
     record_keys: bool = False                              # each rank logs the sample keys it trains on
     save_sleep_s: float = 0.0                              # a pause inside every checkpoint write, before it commits
     count_host_syncs: bool = False                         # RUN/host_syncs/: calls per step that wait for a GPU
+    cuda_sync_debug: bool = False                          # RUN/host_syncs/: CUDA's own sync detector, per step
 
 
 def scaled_lr(optim: OptimConfig, batch_per_rank: int, world_size: int) -> float:

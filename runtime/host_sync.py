@@ -111,23 +111,42 @@ class HostSyncCounter(TorchFunctionMode):
 
 
 class HostSyncLog:
-    """debug.count_host_syncs: every training step under a HostSyncCounter, one JSON line per step in
-    RUN/host_syncs/rank<R>.jsonl: {"step", "quiet" (a step that neither logs, checkpoints, evaluates nor starts
-    the run), "project", "deepspeed", "calls"}."""
+    """Per-step host-sync records in RUN/host_syncs/rank<R>.jsonl, one JSON line per training step: {"step",
+    "quiet" (a step that neither logs, checkpoints, evaluates nor starts the run), ...}. debug.count_host_syncs:
+    the step under a HostSyncCounter ("project", "deepspeed", "calls"). debug.cuda_sync_debug, on a GPU: CUDA's own
+    detector (torch.cuda.set_sync_debug_mode("warn")) with each warning it raises in the step caught ("cuda_syncs",
+    "cuda_sync_sites": the frames outside torch that led to it)."""
 
-    def __init__(self, run_dir: Path, rank: int, device: torch.device):
+    def __init__(self, run_dir: Path, rank: int, device: torch.device, count_calls: bool = True,
+                 cuda_debug: bool = False):
         directory = Path(run_dir) / "host_syncs"
         directory.mkdir(parents=True, exist_ok=True)
-        self.device = device
+        self.device, self.count_calls = device, count_calls
+        self.cuda_debug = cuda_debug and device.type == "cuda"
         self.file = open(directory / f"rank{rank}.jsonl", "a", buffering=1)
 
     @contextlib.contextmanager
     def step(self, step: int, quiet: bool) -> Iterator[None]:
-        counter = HostSyncCounter(self.device)
-        with counter:
+        import warnings
+        record: Dict[str, Any] = {"step": step, "quiet": quiet}
+        counter = HostSyncCounter(self.device) if self.count_calls else None
+        with contextlib.ExitStack() as stack:
+            caught = stack.enter_context(warnings.catch_warnings(record=True)) if self.cuda_debug else []
+            if counter is not None:
+                stack.enter_context(counter)
+            if self.cuda_debug:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                stack.callback(torch.cuda.set_sync_debug_mode, "default")
             yield
-        self.file.write(json.dumps({"step": step, "quiet": quiet, "project": counter.counts["project"],
-                                    "deepspeed": counter.counts["deepspeed"], "calls": counter.calls}) + "\n")
+        if counter is not None:
+            record.update(project=counter.counts["project"], deepspeed=counter.counts["deepspeed"],
+                          calls=counter.calls)
+        if self.cuda_debug:
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            record.update(cuda_syncs=len(syncs), cuda_sync_sites=sorted({f"{Path(w.filename).name}:{w.lineno}"
+                                                                         for w in syncs}))
+        self.file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self.file.close()

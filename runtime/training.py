@@ -132,7 +132,10 @@ class TrainingJob:
         """After each optimizer step and its metrics, before the checkpoint decision (e.g. evaluate)."""
 
     def window_scalars(self, state: TrainState, window: Dict[str, float], lr: float) -> Dict[str, float]:
-        return {"train/lr": lr, "train/epoch": state.epoch, "train/samples_seen": state.samples_seen}
+        scalars = {"train/lr": lr, "train/epoch": state.epoch, "train/samples_seen": state.samples_seen}
+        if self.device.type == "cuda":  # the allocator's own count: no device sync
+            scalars["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        return scalars
 
     def checkpoint_due(self, step: int) -> bool:
         return step % self.cfg.run.ckpt_every == 0 or step == self.total_steps
@@ -183,7 +186,9 @@ class TrainingJob:
         if start == 0:
             logger.text("config", "```\n" + config_to_yaml(cfg) + "```")
         guard = StepGuard(self.max_nonfinite, self.device, self.stop)
-        syncs = HostSyncLog(self.run_dir, self.env.rank, self.device) if self.debug.count_host_syncs else None
+        syncs = HostSyncLog(self.run_dir, self.env.rank, self.device, self.debug.count_host_syncs,
+                            self.debug.cuda_sync_debug) if self.debug.count_host_syncs or self.debug.cuda_sync_debug \
+            else None
         accum = cfg.optim.accum_steps
         stream = self.batches(start)
         stopped = False
