@@ -116,3 +116,19 @@ def test_compiled_blocks_give_the_eager_step():
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
     assert len(compiled_grads) == len(eager_grads)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(compiled_grads, eager_grads))
+
+
+def test_only_the_views_take_deepspeeds_bf16_and_cached_targets_stay_fp32():
+    """Moving a batch keeps every dtype; the job's prepare casts the image views to the dtype DeepSpeed's bf16 weights
+    need, and nothing else (cached teacher embeddings, the losses' targets, stay fp32)."""
+    from pretrain.data import normalize_views
+    from runtime.loop import to_device
+    batch = {"image": torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8),
+             "person": torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8),
+             "clip_image": torch.randn(2, 4), "clip_text": torch.randn(2, 4), "key": ["a", "b"]}
+    moved = to_device(batch, torch.device("cpu"))
+    assert {k: v.dtype for k, v in moved.items() if torch.is_tensor(v)} == {
+        "image": torch.uint8, "person": torch.uint8, "clip_image": torch.float32, "clip_text": torch.float32}
+    prepared = normalize_views(moved, torch.bfloat16)
+    assert prepared["image"].dtype == prepared["person"].dtype == torch.bfloat16
+    assert prepared["clip_image"].dtype == torch.float32 and torch.equal(prepared["clip_image"], batch["clip_image"])
