@@ -186,18 +186,18 @@ class TrainingJob:
         if start == 0:
             logger.text("config", "```\n" + config_to_yaml(cfg) + "```")
         guard = StepGuard(self.max_nonfinite, self.device, self.stop)
-        syncs = HostSyncLog(self.run_dir, self.env.rank, self.device, self.debug.count_host_syncs,
-                            self.debug.cuda_sync_debug) if self.debug.count_host_syncs or self.debug.cuda_sync_debug \
-            else None
-        accum = cfg.optim.accum_steps
+        debug = self.debug
+        syncs = (HostSyncLog(self.run_dir, self.env.rank, self.device, debug.count_host_syncs, debug.cuda_sync_debug)
+                 if debug.count_host_syncs or debug.cuda_sync_debug else None)
         stream = self.batches(start)
         stopped = False
         try:
             while state.step < self.total_steps and not stopped:
                 state.step += 1
-                with syncs.step(state.step, quiet=not (state.step == start + 1 or self.sync_due(state.step)
-                                                       or self.busy_step(state.step))) if syncs else nullcontext():
-                    stopped = self.train_step(state, stream, guard, logger, first=state.step == start + 1)
+                first = state.step == start + 1
+                quiet = not (first or self.sync_due(state.step) or self.busy_step(state.step))
+                with syncs.step(state.step, quiet) if syncs else nullcontext():
+                    stopped = self.train_step(state, stream, guard, logger, first)
                 if self.debug.step_sleep_s:
                     time.sleep(self.debug.step_sleep_s)
         finally:
