@@ -1,5 +1,6 @@
 """Command line: python -m data_tools {shard-folder, shard-emoset, crawl, idx-to-folder, verify} ..."""
 import argparse
+import functools
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ from data_tools.images import DEFAULT_MAX_PIXELS
 from data_tools.registry import REGISTRY
 from data_tools.samples import ImageOptions
 from runtime.logs import setup_logging
+from runtime.config import HelpFormatter
 
 
 def _image_args(p: argparse.ArgumentParser, min_shards: int) -> None:
@@ -30,8 +32,9 @@ def _options(args) -> ImageOptions:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # every tool shows defaults
 
     p = sub.add_parser("shard-folder", help=f"a benchmark ({', '.join(REGISTRY)}) or class-folder tree")
     p.add_argument("name", help=f"registry name ({', '.join(REGISTRY)}), or any name with --generic")
@@ -63,9 +66,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _image_args(p, min_shards=1)
 
     p = sub.add_parser("idx-to-folder", help="MNIST-format IDX files -> class-folder tree (e.g. Fashion-MNIST)")
-    p.add_argument("images"), p.add_argument("labels")
+    p.add_argument("images", help="IDX images file (.gz or plain)")
+    p.add_argument("label_file", metavar="labels", help="IDX labels file (.gz or plain)")
     p.add_argument("--out", required=True)
-    p.add_argument("--classes", nargs="*", help="class names by label index (default: Fashion-MNIST's if 10)")
+    p.add_argument("--classes", nargs="*", help="class names by label index, or of the --labels kept (default: "
+                                                "Fashion-MNIST's if 10 labels)")
+    p.add_argument("--labels", type=int, nargs="*", help="keep only these label indices (default: all)")
     p.add_argument("--per-class", type=int, default=0, help="first N images of each class (0: all)")
     p.add_argument("--skip-per-class", type=int, default=0, help="skip the first K images of each class first")
 
@@ -101,9 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             url_map=args.url_map, options=_options(args))
             print(json.dumps(summary, indent=1))
         elif args.command == "idx-to-folder":
-            from data_tools.idx import FASHION_MNIST_CLASSES, idx_to_folder
-            counts = idx_to_folder(args.images, args.labels, args.out, args.classes or FASHION_MNIST_CLASSES,
-                                   args.per_class, args.skip_per_class)
+            from data_tools.idx import idx_to_folder
+            counts = idx_to_folder(args.images, args.label_file, args.out, args.classes, args.per_class,
+                                   args.skip_per_class, args.labels)
             print(json.dumps(counts))
         else:
             from data_tools.verify import format_report, verify

@@ -193,7 +193,7 @@ def crawl(annotations: str, out: str, *, name: str = "web", split: str = "train"
         classes = sorted({i["label_name"] for i in items if i["label_name"] is not None})
     builder = SampleBuilder(name, classes, options)
     out_path = Path(out)
-    tasks = plan_shards(out_path, split, items, shard_size, min_shards)
+    tasks = plan_shards(out_path, split, items, shard_size, min_shards, options)
     stats = run_shard_tasks(tasks, CrawlSample(builder, split, timeout, retries, max_bytes, max_seconds), workers,
                             desc=f"crawl {name}", threads=threads)
     summary = finalize_split(out_path, stats)

@@ -81,7 +81,7 @@ def shard_emoset(src: str, out: str, *, seed: int = 0, shard_size: int = 1000, m
     for split in splits:
         entries = _entries(src_path, split)
         random.Random(f"{seed}/{split}/shards").shuffle(entries)  # classes mixed across shards (see folder.py)
-        tasks = plan_shards(out_path / split, split, entries, shard_size, min_shards)
+        tasks = plan_shards(out_path / split, split, entries, shard_size, min_shards, options)
         summary[split] = finalize_split(out_path / split, run_shard_tasks(tasks, maker, workers, f"{name}/{split}"))
     info = {"dataset": name, "task": SINGLE_LABEL, "classes": classes, "splits": summary,
             "source": str(src_path.resolve()), "attributes": list(ATTRIBUTES),

@@ -39,6 +39,9 @@ def shard_folder(name: str, src: str, out: str, *, seed: int = 0, shard_size: in
                                and p.name != "splits" and not p.name.startswith(".")))
         if not classes and (src_path / "train").is_dir():
             classes = tuple(sorted(p.name for p in (src_path / "train").iterdir() if p.is_dir()))
+        if not classes:
+            raise ValueError(f"--generic: {src_path} has no class sub-folders (expected SRC/<class>/*.jpg, or "
+                             f"SRC/train/<class>/*.jpg with val/ and test/ beside it)")
         spec: DatasetSpec = generic_spec(name, classes, ratios)
     else:
         spec = get_dataset(name)
@@ -52,7 +55,7 @@ def shard_folder(name: str, src: str, out: str, *, seed: int = 0, shard_size: in
         # mix the classes across shards (a sorted list would give one-class shards, and one-class batches to any
         # reader whose shuffle buffer is smaller than a shard); seeded, so keys are reproducible
         random.Random(f"{seed}/{split}/shards").shuffle(records)
-        tasks = plan_shards(out_path / split, split, records, shard_size, min_shards)
+        tasks = plan_shards(out_path / split, split, records, shard_size, min_shards, options)
         stats = run_shard_tasks(tasks, maker, workers, desc=f"{spec.name}/{split}")
         summary[split] = finalize_split(out_path / split, stats)
         log.info("%s/%s: %d samples in %d shards, %d failed", spec.name, split, summary[split]["samples"],

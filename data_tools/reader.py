@@ -21,6 +21,7 @@ from webdataset.filters import _shuffle
 
 from data_tools.images import ImageError, load_rgb
 from data_tools.remote import URL_TIMEOUT_S, shard_name
+from data_tools.shard_errors import check_enough_shards
 from data_tools.tar_stream import CorruptCounter, tar_samples
 from runtime.launcher_watch import die_with_parent
 from runtime.seeding import seed_everything
@@ -264,12 +265,13 @@ def batch_with_counts(batch_size: int, partial: bool, counter: CorruptCounter):
 
 
 def leave_stop_signals_to_main(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM/SIGUSR1: at preemption Slurm signals every process of the job, and the
-    training process must be able to read its next batch, checkpoint and exit by itself. They die with it."""
+    """Loader workers ignore SIGTERM/SIGUSR1/SIGINT: at preemption Slurm signals every process of the job, and
+    Ctrl-C every process of the terminal's group; the training process must be able to read its next batch,
+    checkpoint and exit by itself. They die with it."""
     import signal
     die_with_parent(signal.SIGKILL)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ShardLoader(DataLoader):
@@ -369,11 +371,8 @@ def make_loader(urls: Union[str, Sequence[str], Sequence[Sequence[str]]], *, bat
         raise ValueError(f"no shards match {urls!r}")
     if len(sources) > 1 and not resampled:
         raise ValueError("mixing several shard sources by weight needs resampled=True")
-    workers = max(1, num_workers)
-    if not resampled and n_shards < workers * world_size:
-        raise ValueError(f"{n_shards} shards cannot feed {workers} loader workers x {world_size} ranks: some would "
-                         f"get no shard and hang the job. Write more, smaller shards (shard size), lower "
-                         f"num_workers, or read with resampled=True")
+    if not resampled:
+        check_enough_shards(n_shards, num_workers, world_size, f"{urls!r}" if isinstance(urls, str) else "the shards")
     if resampled and not batches_per_epoch:
         raise ValueError("resampled shards are endless: give batches_per_epoch")
     epoch = epoch or SharedEpoch()

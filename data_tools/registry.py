@@ -68,5 +68,9 @@ def get_dataset(name: str) -> DatasetSpec:
 
 
 def generic_spec(name: str, classes: Tuple[str, ...], ratios: Tuple[float, float, float]) -> DatasetSpec:
-    """Any ImageFolder-style tree: classes are its sub-folders, split per class by the given ratios."""
+    """Any ImageFolder-style tree: classes are its sub-folders, split per class by the given ratios (three
+    non-negative fractions that sum to 1)."""
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise ValueError(f"--ratios {' '.join(f'{r:g}' for r in ratios)}: expected three non-negative fractions "
+                         f"(train val test) that sum to 1, got a sum of {sum(ratios):g}")
     return DatasetSpec(name, tuple(classes), "per_class", ratios)

@@ -7,6 +7,8 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO, Dict, Optional
 
+from data_tools.shard_errors import ShardError
+
 URL_TIMEOUT_S = 60.0     # connect, and each read: a server that stops sending is an error, never a hang
 OPEN_ATTEMPTS = 3        # a refused connection or a 5xx is tried again (like curl --retry); a 4xx is not
 RETRY_DELAY_S = 1.0
@@ -87,7 +89,7 @@ def sizes_location(shard_url: str) -> str:
 def read_sizes(shard_url: str, timeout_s: float = URL_TIMEOUT_S, cache: Optional[Dict[str, dict]] = None) -> dict:
     """The sizes.json ({shard name: samples}) written by data_tools beside a shard, local or over http(s)."""
     if is_pipe(shard_url):
-        raise ValueError(f"{shard_url}: the size of a pipe: shard cannot be looked up; set data.samples_per_epoch")
+        raise ShardError(f"{shard_url}: the size of a pipe: shard cannot be looked up; set data.samples_per_epoch")
     where = sizes_location(shard_url)
     if cache is not None and where in cache:
         return cache[where]
@@ -98,10 +100,10 @@ def read_sizes(shard_url: str, timeout_s: float = URL_TIMEOUT_S, cache: Optional
         else:
             sizes = json.loads(Path(where).read_text())
     except (OSError, urllib.error.URLError) as e:
-        raise ValueError(f"{where} could not be read ({e}): set data.samples_per_epoch "
+        raise ShardError(f"{where} could not be read ({e}): set data.samples_per_epoch "
                          f"(shards not made by data_tools?)") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where} is not valid JSON ({e})") from e
+        raise ShardError(f"{where} is not valid JSON ({e})") from e
     if cache is not None:
         cache[where] = sizes
     return sizes

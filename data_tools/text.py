@@ -2,6 +2,12 @@
 from typing import Any, Dict, Optional, Sequence
 
 
+def label_text(label: str) -> str:
+    """A class name as words, in shard texts and zero-shot prompts alike: folder names such as 'ankle_boot' read
+    'ankle boot'."""
+    return label.replace("_", " ")
+
+
 def join_list(items: Sequence[str]) -> str:
     items = [str(i) for i in items if str(i).strip()]
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
@@ -24,5 +30,5 @@ def describe(emotion: Optional[str], attributes: Optional[Dict[str, Any]] = None
     if a.get("human_action"):
         parts.append(f"The action being performed is {a['human_action']}.")
     if emotion:
-        parts.append(f"The overall emotion conveyed is {emotion}.")
+        parts.append(f"The overall emotion conveyed is {label_text(emotion)}.")
     return " ".join(parts)

@@ -1,5 +1,6 @@
 """Write samples into tar shards, one job per shard; `NNNNN_stats.json` marks a shard complete, reruns skip it."""
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import webdataset as wds
-from tqdm import tqdm
 
 from data_tools.schema import SCHEMA_VERSION, encode_record, sample_key, shard_name
 from runtime.atomic import atomic_write_json, atomic_write_text, file_sha256, fsync_dir
@@ -31,6 +31,7 @@ class ShardTask:
     split: str
     shard: int
     items: List[Any] = field(default_factory=list)
+    options: Dict[str, Any] = field(default_factory=dict)  # how images are written (size, quality, detector)
 
 
 def stats_path(split_dir: Path, shard: int) -> Path:
@@ -38,8 +39,18 @@ def stats_path(split_dir: Path, shard: int) -> Path:
 
 
 def plan_digest(task: ShardTask) -> str:
-    """Fingerprint of what a shard should hold: a rerun with another split or seed rewrites the shard."""
-    return hashlib.sha1(json.dumps(task.items, sort_keys=True, default=str).encode()).hexdigest()
+    """Fingerprint of what a shard should hold: a rerun with another split, seed or image options (max side,
+    quality, detector) rewrites the shard."""
+    plan = {"items": task.items, "options": task.options} if task.options else task.items
+    return hashlib.sha1(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def written_options(task: ShardTask) -> Dict[str, Any]:
+    """The image options a finished shard's stats record (empty when there is none)."""
+    try:
+        return json.loads(stats_path(Path(task.split_dir), task.shard).read_text()).get("options") or {}
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def shard_complete(task: ShardTask) -> bool:
@@ -77,7 +88,8 @@ def write_shard(task: ShardTask, make_sample: SampleMaker, threads: int = 0) -> 
     split_dir = Path(task.split_dir)
     tar = split_dir / shard_name(task.shard)
     stats: Dict[str, Any] = {"shard": tar.name, "split": task.split, "schema_version": SCHEMA_VERSION,
-                             "plan": plan_digest(task), "samples": 0, "failed": 0, "failures": {}, "classes": {}}
+                             "plan": plan_digest(task), "options": task.options, "samples": 0, "failed": 0,
+                             "failures": {}, "classes": {}}
     status_rows = []
     with atomic_tar(tar) as writer:
         for index, (item, result) in enumerate(zip(task.items, _results(task.items, make_sample, threads))):
@@ -137,34 +149,75 @@ def describe_item(item: Any) -> str:
 
 
 def plan_shards(split_dir: Path, split: str, items: Sequence[Any], shard_size: int,
-                min_shards: int = 1) -> List[ShardTask]:
-    """Deal items into consecutive shards of at most shard_size (at least min_shards when there are enough items)."""
+                min_shards: int = 1, options: Any = None) -> List[ShardTask]:
+    """Deal items into consecutive shards of at most shard_size (at least min_shards when there are enough items);
+    `options` (an ImageOptions) is part of each shard's plan."""
     n_shards = max(-(-len(items) // shard_size), min(min_shards, len(items)), 1 if items else 0)
     per_shard = -(-len(items) // n_shards) if n_shards else 0
-    return [ShardTask(str(split_dir), split, i, list(items[i * per_shard:(i + 1) * per_shard]))
+    opts = dataclasses.asdict(options) if options is not None else {}
+    return [ShardTask(str(split_dir), split, i, list(items[i * per_shard:(i + 1) * per_shard]), opts)
             for i in range(n_shards)]
 
 
 def run_shard_tasks(tasks: Sequence[ShardTask], make_sample: SampleMaker, workers: int = 1,
                     desc: str = "shards", threads: int = 0) -> List[Dict[str, Any]]:
-    """Write every incomplete shard (in `workers` processes); returns the stats of all shards."""
+    """Write every incomplete shard (in `workers` processes), logging a line per finished shard (samples, rate,
+    time left); returns the stats of all shards."""
     todo = [t for t in tasks if not shard_complete(t)]
     skipped = len(tasks) - len(todo)
     if skipped:
         log.info("%s: %d of %d shards already complete, skipped", desc, skipped, len(tasks))
+    changed = [t for t in todo if written_options(t) and written_options(t) != t.options]
+    if changed:
+        old, new = written_options(changed[0]), changed[0].options
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v)
+        log.info("%s: %d shard(s) were written with other image options (%s): rewriting them", desc, len(changed),
+                 diff)
     for t in todo:
         Path(t.split_dir).mkdir(parents=True, exist_ok=True)
+    if todo:
+        items = sum(len(t.items) for t in todo)
+        detector = todo[0].options.get("detector")
+        log.info("%s: writing %d shard(s) of %d item(s) in %d process(es)%s", desc, len(todo), items,
+                 max(1, min(workers, len(todo))), f", person detector {detector}" if detector else "")
     job = partial(write_shard, make_sample=make_sample, threads=threads)
-    with tqdm(total=len(todo), desc=desc, unit="shard", disable=not todo or None) as bar:
-        if workers <= 1 or len(todo) <= 1:
-            for t in todo:
-                job(t)
-                bar.update()
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
-                for _ in pool.map(job, todo):
-                    bar.update()
+    progress = ShardProgress(desc, todo)
+    if workers <= 1 or len(todo) <= 1:
+        for t in todo:
+            progress.done(job(t))
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+            for stats in pool.map(job, todo):
+                progress.done(stats)
     return [json.loads(stats_path(Path(t.split_dir), t.shard).read_text()) for t in tasks]
+
+
+class ShardProgress:
+    """One log line per finished shard: how many, samples and failures so far, items per second, time left."""
+
+    def __init__(self, desc: str, todo: Sequence[ShardTask]):
+        self.desc, self.total = desc, len(todo)
+        self.items_total = sum(len(t.items) for t in todo)
+        self.finished = self.samples = self.failed = 0
+        self.start = time.monotonic()
+
+    def done(self, stats: Dict[str, Any]) -> None:
+        self.finished += 1
+        self.samples += stats["samples"]
+        self.failed += stats["failed"]
+        elapsed = time.monotonic() - self.start
+        rate = (self.samples + self.failed) / max(elapsed, 1e-9)
+        left = (self.items_total - self.samples - self.failed) / max(rate, 1e-9)
+        log.info("%s: shard %d of %d written (%d samples, %d failed so far), %.1f items/s, about %s left", self.desc,
+                 self.finished, self.total, self.samples, self.failed, rate, _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def finalize_split(split_dir: Path, stats: Sequence[Dict[str, Any]]) -> Dict[str, Any]:

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from data_tools.registry import UnknownDatasetError  # noqa: E402
 from finetune.config import AdaptConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
+from runtime.config import shortcut_flags  # noqa: E402
 from runtime.device import DeviceError  # noqa: E402
 from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
 from runtime.loop import run_job  # noqa: E402
@@ -41,16 +42,11 @@ def adapt(cfg: AdaptConfig, stop: StopRequest) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", help="shortcut for data.dataset=NAME")
-    parser.add_argument("--data", help="shortcut for data.root=DIR")
-    args, rest = parser.parse_known_args(argv)
-    shortcuts = ([f"data.dataset={args.dataset}"] if args.dataset else []) + \
-        ([f"data.root={args.data}"] if args.data else [])
-    return run_job(AdaptConfig, rest + shortcuts, __doc__, log, adapt,
+    parser = argparse.ArgumentParser(prog="finetune/adapt_teacher.py", description=__doc__)
+    shortcuts = shortcut_flags(parser, {"--dataset": "data.dataset", "--data": "data.root"})
+    return run_job(AdaptConfig, argv, __doc__, log, adapt,
                    expected=(UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError,
-                             DeviceError))
-
+                             DeviceError), parser=parser, shortcuts=shortcuts)
 
 if __name__ == "__main__":
     from runtime.loop import run_as_script

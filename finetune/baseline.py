@@ -20,6 +20,7 @@ from finetune.config import AugmentConfig, FinetuneDataConfig
 from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
 from finetune.metrics import compute_metrics
 from runtime.atomic import atomic_write_json
+from runtime.config import HelpFormatter
 from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.baseline")
@@ -68,7 +69,7 @@ def pixel_logreg(dataset: str, data: str, out: str, img_size: int = 32, crop_pct
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--data", required=True, help="the dataset's shards (with info.json) or an image folder")
     parser.add_argument("--out", required=True, help="run directory for metrics.json")

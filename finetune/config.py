@@ -3,7 +3,7 @@ the teacher-adaptation job's."""
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Tuple, Union
 
-from runtime.config import DebugConfig, OptimConfig, RunConfig
+from runtime.config import DebugConfig, OptimConfig, RunConfig, bounded
 
 
 @dataclass
@@ -12,41 +12,41 @@ class EncoderConfig:
     from_scratch: bool = False         # random init (the checkpoint must then be unset)
     preset: str = "vit_b16"            # architecture when it cannot be read from the checkpoint (MAE .pth, scratch)
     img_size: Optional[int] = None     # default: the encoder's pretraining size; position embeddings interpolate
-    drop_path: float = 0.2
+    drop_path: float = bounded(0.2, 0, 1, open_high=True)
 
 
 @dataclass
 class FinetuneDataConfig:
     dataset: str                        # required: a registry name (FI, Emotion6, ...) or the name of a sharded set
     root: Optional[str] = None          # shards made by data_tools (has info.json), or an image folder to shard
-    batch_size: int = 16                # per rank
-    num_workers: Union[int, Literal["auto"]] = 4  # auto: this rank's CPUs less 2 (runtime/device.py)
-    shuffle_buffer: int = 1000
+    batch_size: int = bounded(16, 1)               # per rank
+    num_workers: Union[int, Literal["auto"]] = bounded(4, 0) # auto: this rank's CPUs less 2 (runtime/device.py)
+    shuffle_buffer: int = bounded(1000, 0)
 
 
 @dataclass
 class AugmentConfig:
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    crop_scale: Tuple[float, float] = (0.08, 1.0)    # RandomResizedCrop area range
-    hflip: float = 0.5                  # horizontal-flip probability (0 for digits, text, anything handed)
-    color_jitter: Optional[float] = None  # timm's ColorJitter strength without auto_augment (MAE: none)
-    re_prob: float = 0.25               # random erasing
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    smoothing: float = 0.1
-    crop_pct: float = 0.875             # evaluation: resize to size / crop_pct, centre crop
+    crop_scale: Tuple[float, float] = bounded((0.08, 1.0), 0, 1, open_low=True)   # RandomResizedCrop area range
+    hflip: float = bounded(0.5, 0, 1)  # horizontal-flip probability (0 for digits, text, anything handed)
+    color_jitter: Optional[float] = bounded(None, 0) # timm's ColorJitter strength without auto_augment (MAE: none)
+    re_prob: float = bounded(0.25, 0, 1)              # random erasing
+    mixup: float = bounded(0.8, 0)
+    cutmix: float = bounded(1.0, 0)
+    smoothing: float = bounded(0.1, 0, 1, open_high=True)
+    crop_pct: float = bounded(0.875, 0, 1, open_low=True)  # evaluation: resize to size / crop_pct, centre crop
 
 
 @dataclass
 class FinetuneTrainConfig:
-    epochs: int = 100
+    epochs: int = bounded(100, 1)
     mode: Literal["finetune", "linear_probe"] = "finetune"
-    layer_decay: float = 0.75           # layer-wise lr decay (applied; the reference parsed but ignored it)
+    layer_decay: float = bounded(0.75, 0, 1, open_low=True)  # layer-wise lr decay (the reference ignored it)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # see pretrain.config
-    max_nonfinite: int = 3
+    max_nonfinite: int = bounded(3, 1)
     compile: bool = False               # torch.compile each transformer block
-    probe_lrs: List[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
-    probe_epochs: int = 90
+    probe_lrs: List[float] = bounded([1e-3, 3e-3, 1e-2, 3e-2, 1e-1], 0, open_low=True)
+    probe_epochs: int = bounded(90, 1)
 
 
 @dataclass
@@ -74,10 +74,10 @@ class AdaptTeacherConfig:
 
 @dataclass
 class AdaptTrainConfig:
-    epochs: int = 10
+    epochs: int = bounded(10, 1)
     templates: str = "emotion"          # finetune.zeroshot template set (emotion, object) or a file, one per line
     freeze_text: bool = True            # keep the text tower as it is (open_clip's lock_text_tower)
-    vision_unlocked_groups: Optional[int] = None  # train only the last k groups of the image tower (None: all)
+    vision_unlocked_groups: Optional[int] = bounded(None, 0)  # train the last k groups of the image tower (None: all)
     balanced: bool = True               # class-balanced draws (each class equally often per epoch)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # see pretrain.config
     max_nonfinite: int = 3

@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from finetune.report import markdown, result_rows
 from runtime.atomic import atomic_write_text
+from runtime.config import HelpFormatter
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -138,7 +139,7 @@ RUNS = ("logreg_pixels", "scratch", "mae_only", "distilled", "distilled_linear_p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="output directory (replaced)")
     parser.add_argument("--src", help="ImageFolder tree with train/ val/ test/ (default: Fashion-MNIST)")
     parser.add_argument("--nproc", type=int, default=2, help="processes per training run (torchrun)")

@@ -19,6 +19,7 @@ from finetune.data import LabelledTransform, eval_loader, make_transforms, resol
 from finetune.encoder import create_encoder
 from finetune.losses import make_criterion
 from finetune.metrics import PRIMARY, compute_metrics
+from pretrain.mae import arch_metadata
 from runtime import distributed
 from runtime.atomic import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text
 from runtime.checkpoint import CheckpointStore
@@ -147,9 +148,10 @@ class Finetuning(TrainingJob):
 
     def on_start(self, state: TrainState) -> None:
         state.extra.update(arch=dataclasses.asdict(self.arch), classes=self.info.classes, task=self.task)
-        log.info("%s (%s): %d classes, %d train / %d val / %d test; encoder from %s; steps %d..%d (%d per epoch)",
+        log.info("%s (%s): %d classes, %d train / %d val / %d test; encoder from %s; steps %s (%d per epoch)",
                  self.info.name, self.task, len(self.info.classes), self.info.sizes["train"], self.info.sizes["val"],
-                 self.info.sizes["test"], self.source, state.step + 1, self.total_steps, self.steps_per_epoch)
+                 self.info.sizes["test"], self.source, f"{state.step + 1}..{self.total_steps}"
+                 if state.step < self.total_steps else "all done", self.steps_per_epoch)
 
     def checkpoint_due(self, step: int) -> bool:
         return super().checkpoint_due(step) or step % self.steps_per_epoch == 0
@@ -160,7 +162,8 @@ class Finetuning(TrainingJob):
     def save_best(self, metrics: Dict[str, Any], step: int) -> None:
         if self.env.is_main:
             atomic_save_safetensors(self.strategy.module.state_dict(), self.run_dir / BEST,
-                                    {"step": str(step), self.primary: str(metrics[self.primary])})
+                                    {"step": str(step), self.primary: str(metrics[self.primary]),
+                                     **arch_metadata(self.arch)})
         distributed.barrier()
 
     def after_step(self, state: TrainState, done, logger: MetricLogger) -> None:

@@ -3,9 +3,11 @@
 A pretraining run gives the encoder (timm ViT names, no head); a fine-tuning run gives the classifier of its best
 epoch with its class names, task and evaluation transform. Either loads with timm:
 
-    meta = safe_open(FILE, "pt").metadata(); args = json.loads(meta["timm_model_args"])
-    timm.create_model("vit_base_patch16_224", pretrained=True,
-                      pretrained_cfg_overlay=dict(file=FILE, num_classes=int(meta["num_classes"])), **args)
+    meta = safe_open(FILE, "pt").metadata()
+    model = timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=int(meta["num_classes"]),
+                              pretrained_cfg_overlay=dict(file=FILE, **json.loads(meta["timm_pretrained_cfg"])),
+                              **json.loads(meta["timm_model_args"]))
+    timm.data.resolve_data_config({}, model=model)  # the export's own input size, mean/std, crop_pct, interpolation
 """
 import argparse
 import json
@@ -16,11 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from finetune.encoder import read_encoder_source, to_timm_keys
+from finetune.encoder import arch_from_metadata, read_encoder_source, to_timm_keys
 from pretrain.mae import MAEArch, arch_metadata
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
 from runtime.atomic import atomic_save_safetensors
+from runtime.config import HelpFormatter
 from runtime.checkpoint import CheckpointError
+from runtime.cli import with_one_line_errors
 
 TIMM_BASE = "vit_base_patch16_224"  # any timm ViT name works: the model arguments below define the architecture
 
@@ -32,6 +36,12 @@ def timm_model_args(arch: MAEArch, img_size: Optional[int] = None) -> Dict[str, 
 
 
 
+def timm_pretrained_cfg(img_size: int, num_classes: int, crop_pct: float = 0.875) -> Dict[str, Any]:
+    """What timm's pretrained_cfg_overlay needs so `resolve_data_config` gives this export's evaluation transform
+    (the base name's own cfg says 224 px and mean/std 0.5); crop_pct 0.875 for an encoder, timm's default."""
+    return {"num_classes": num_classes, "input_size": [3, img_size, img_size], "crop_pct": crop_pct,
+            "interpolation": "bicubic", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
 
 def export_encoder(source: str, out: str, preset: str = "vit_b16") -> Path:
     state, arch, kind = read_encoder_source(source, preset)
@@ -39,7 +49,8 @@ def export_encoder(source: str, out: str, preset: str = "vit_b16") -> Path:
         raise CheckpointError(f"{source} is a fine-tuning run: export it as a classifier (finetune.export picks that "
                               f"for run directories with best.safetensors)")
     meta = {"format": "uniemox-encoder", "source": str(source), "num_classes": "0",
-            **arch_metadata(arch), "timm_model_args": json.dumps(timm_model_args(arch))}
+            **arch_metadata(arch), "timm_model_args": json.dumps(timm_model_args(arch)),
+            "timm_pretrained_cfg": json.dumps(timm_pretrained_cfg(arch.img_size, 0))}
     tensors = to_timm_keys(state)
     # the pooled-feature LayerNorm a fine-tuning model starts with (1, 0), so timm loads the file strictly
     tensors["fc_norm.weight"], tensors["fc_norm.bias"] = torch.ones(arch.embed_dim), torch.zeros(arch.embed_dim)
@@ -51,10 +62,14 @@ def classifier_bundle(run_dir: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
     run = Path(run_dir)
     best, metrics_file = run / "best.safetensors", run / "metrics.json"
     if not best.is_file() or not metrics_file.is_file():
-        raise CheckpointError(f"{run} is not a finished fine-tuning run (best.safetensors and metrics.json needed)")
+        raise CheckpointError(f"{run} is not a finished fine-tuning or linear-probe run (best.safetensors and "
+                              f"metrics.json needed)")
     import yaml
+    with safe_open(str(best), "pt") as f:
+        best_meta = f.metadata() or {}
     state = load_file(str(best))
-    _, arch, _ = read_encoder_source(str(run), "vit_b16")
+    # the architecture: in best.safetensors' metadata (runs of earlier versions: in their checkpoint)
+    arch = arch_from_metadata(best_meta, best) if "arch" in best_meta else read_encoder_source(str(run), "vit_b16")[1]
     metrics = json.loads(metrics_file.read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * arch.patch_size
@@ -65,6 +80,8 @@ def classifier_bundle(run_dir: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
             "transform": json.dumps({"input_size": img_size, "crop_pct": cfg["aug"]["crop_pct"],
                                      "interpolation": "bicubic", "mean": list(IMAGENET_MEAN),
                                      "std": list(IMAGENET_STD)}),
+            "timm_pretrained_cfg": json.dumps(timm_pretrained_cfg(img_size, len(metrics["classes"]),
+                                                                  cfg["aug"]["crop_pct"])),
             "test_metrics": json.dumps({k: v for k, v in metrics["test"].items() if isinstance(v, float)})}
     return state, meta
 
@@ -83,17 +100,22 @@ def read_export(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("source", help="a fine-tuning run (classifier) or a pretraining run/checkpoint/MAE file")
     parser.add_argument("--out", required=True, help="the .safetensors file to write")
     parser.add_argument("--preset", default="vit_b16", help="architecture of an official MAE .pth")
     args = parser.parse_args(argv)
     is_finetune_run = (Path(args.source) / "best.safetensors").is_file()
-    path = export_classifier(args.source, args.out) if is_finetune_run else \
-        export_encoder(args.source, args.out, args.preset)
+    return with_one_line_errors(lambda: report(export_classifier(args.source, args.out) if is_finetune_run else
+                                               export_encoder(args.source, args.out, args.preset)))
+
+
+def report(path: Path) -> int:
+    """Print where the export went and the timm call that loads it."""
     meta = safe_open(str(path), "pt").metadata()
+    overlay = ", ".join(f"{k}={v!r}" for k, v in json.loads(meta["timm_pretrained_cfg"]).items())
     print(f"wrote {path} ({meta['format']}); timm: timm.create_model({TIMM_BASE!r}, pretrained=True, "
-          f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes={meta['num_classes']}), "
+          f"num_classes={meta['num_classes']}, pretrained_cfg_overlay=dict(file={str(path)!r}, {overlay}), "
           + ", ".join(f"{k}={v!r}" for k, v in json.loads(meta["timm_model_args"]).items()) + ")")
     return 0
 

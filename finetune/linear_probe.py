@@ -1,5 +1,6 @@
 """Linear probe: frozen encoder features extracted once, a grid of learning rates trained together on them,
-the best on val reported on test (no BatchNorm: a plain linear head on the pooled, normalised features)."""
+the best on val reported on test (no BatchNorm: a plain linear head on the pooled, normalised features) and kept
+with the encoder as best.safetensors, beside metrics.json and tb/."""
 import logging
 from pathlib import Path
 from typing import Any, Dict, List
@@ -12,13 +13,17 @@ from data_tools.registry import MULTI_LABEL, SINGLE_LABEL, Task
 from finetune.config import FinetuneConfig
 from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
 from finetune.encoder import create_encoder
+from finetune.engine import BEST
 from finetune.losses import ccc_loss
 from finetune.metrics import PRIMARY, compute_metrics
 from runtime import distributed
-from runtime.atomic import atomic_write_json
+from pretrain.mae import arch_metadata
+from runtime.atomic import atomic_save_safetensors, atomic_write_json
 from runtime.checkpoint import CheckpointStore
+from runtime.config import config_to_yaml
 from runtime.device import resolve_device, with_loader_workers
 from runtime.loop import prepare_run
+from runtime.metric_logger import MetricLogger
 from runtime.precision import autocast, resolve_precision
 from runtime.seeding import seed_everything
 
@@ -117,7 +122,27 @@ class LinearProbe:
                       "encoder_source": self.source, "best_lr": cfg.train.probe_lrs[best],
                       "val_by_lr": {str(lr): m[primary] for lr, m in zip(cfg.train.probe_lrs, val)},
                       "val": val[best], "test": test, "classes": info.classes, "stopped": False}
+            self.save_classifier(weight[best], bias[best], val[best][primary])
             atomic_write_json(self.run_dir / "metrics.json", result)
+            self.write_tensorboard(result, val)
             log.info("linear probe: best lr %g, val %s %.4f, test %.4f", result["best_lr"], primary,
                      val[best][primary], test[primary])
         return distributed.broadcast_object(result)
+
+    def save_classifier(self, weight: torch.Tensor, bias: torch.Tensor, val_metric: float) -> None:
+        """The frozen encoder with the best head, as fine-tuning's best.safetensors: predict, export and zero-shot
+        read a probe run like a fine-tuning run (the head acts on the same pooled, fc_norm'ed features)."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        state["head.weight"], state["head.bias"] = weight.contiguous(), bias.contiguous()
+        atomic_save_safetensors(state, self.run_dir / BEST, {"step": "0", PRIMARY[self.info.task]: str(val_metric),
+                                                             **arch_metadata(self.arch)})
+
+    def write_tensorboard(self, result: Dict[str, Any], val: List[Dict[str, Any]]) -> None:
+        """tb/ as fine-tuning writes it: the config, val and test of the chosen head, and val for every lr."""
+        primary = result["primary_metric"]
+        logger = MetricLogger(self.run_dir / "tb")
+        logger.text("config", "```\n" + config_to_yaml(self.cfg) + "```")
+        logger.write_scalars(0, {f"val/{primary}": result["val"][primary], f"test/{primary}": result["test"][primary],
+                                 **{f"probe/val_{primary}_lr_{lr:g}": m[primary]
+                                    for lr, m in zip(self.cfg.train.probe_lrs, val)}})
+        logger.close()

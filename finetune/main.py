@@ -11,6 +11,7 @@ if __package__ in (None, ""):  # run as a file (torchrun finetune/main.py): make
 from data_tools.registry import UnknownDatasetError  # noqa: E402
 from finetune.config import FinetuneConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
+from runtime.config import shortcut_flags  # noqa: E402
 from runtime.device import DeviceError  # noqa: E402
 from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
 from runtime.loop import run_job  # noqa: E402
@@ -33,22 +34,13 @@ def finetune(cfg: FinetuneConfig, stop: StopRequest) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dataset", help="shortcut for data.dataset=NAME")
-    parser.add_argument("--data", help="shortcut for data.root=DIR (shards with info.json, or an image folder)")
-    parser.add_argument("--checkpoint", help="shortcut for encoder.checkpoint=PATH")
-    parser.add_argument("--from-scratch", action="store_true", help="shortcut for encoder.from_scratch=true")
-    parser.add_argument("--linear-probe", action="store_true", help="shortcut for train.mode=linear_probe")
-    args, rest = parser.parse_known_args(argv)
-    shortcuts = [f"data.dataset={args.dataset}"] if args.dataset else []
-    shortcuts += [f"data.root={args.data}"] if args.data else []
-    shortcuts += [f"encoder.checkpoint={args.checkpoint}"] if args.checkpoint else []
-    shortcuts += ["encoder.from_scratch=true"] if args.from_scratch else []
-    shortcuts += ["train.mode=linear_probe"] if args.linear_probe else []
-    return run_job(FinetuneConfig, rest + shortcuts, __doc__, log, finetune,
+    parser = argparse.ArgumentParser(prog="finetune/main.py", description=__doc__)
+    shortcuts = shortcut_flags(parser, {
+        "--dataset": "data.dataset", "--data": "data.root", "--checkpoint": "encoder.checkpoint",
+        "--from-scratch": "encoder.from_scratch=true", "--linear-probe": "train.mode=linear_probe"})
+    return run_job(FinetuneConfig, argv, __doc__, log, finetune,
                    expected=(UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError,
-                             DeviceError))
-
+                             DeviceError), parser=parser, shortcuts=shortcuts)
 
 if __name__ == "__main__":
     from runtime.loop import run_as_script

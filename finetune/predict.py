@@ -30,7 +30,9 @@ from data_tools.tars import read_tar
 from finetune.encoder import arch_from_metadata, build_vit, check_arch_fits
 from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
 from runtime.atomic import atomic_write_text
+from runtime.config import HelpFormatter
 from runtime.checkpoint import CheckpointError
+from runtime.cli import BAD_INPUT
 from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.predict")
@@ -63,7 +65,7 @@ def iter_inputs(items: Sequence[str]) -> Iterator[Tuple[str, Optional[bytes], Op
             try:
                 yield str(f), read_file(f), None
             except ImageError as e:
-                yield str(f), None, e.reason
+                yield str(f), None, str(e)
 
 
 class Predictor:
@@ -146,7 +148,7 @@ def predict(predictor, items: Sequence[str], topk: int = 3, batch_size: int = 32
         try:
             image = decode_image(data)
         except ImageError as e:
-            rows.append({"input": name, "status": "failed", "reason": f"{e.reason}: {e}"})
+            rows.append({"input": name, "status": "failed", "reason": str(e)})
             continue
         pending.append((name, predictor.transform(image)))
         if len(pending) == batch_size:
@@ -171,7 +173,7 @@ def write_rows(rows: List[Dict], out: Optional[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", help=".csv or .jsonl (default: CSV on standard output)")
@@ -198,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             predictor = Predictor(args.checkpoint)
         rows = predict(predictor, args.images, args.topk, args.batch_size)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except BAD_INPUT as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_rows(rows, args.out)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from runtime.atomic import atomic_write_text
+from runtime.config import HelpFormatter
 
 RESULT_FILES = ("metrics.json", "zeroshot.json")
 
@@ -52,7 +53,7 @@ def report(runs: Sequence[str], labels: Optional[Sequence[str]] = None) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories (with metrics.json or zeroshot.json)")
     parser.add_argument("--labels", nargs="+", help="a name per run")
     parser.add_argument("--out", help="also write the table to this file")

@@ -8,6 +8,7 @@ a trial that raises is retried `max_failures` times, then marked failed — the 
 """
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from finetune.config import FinetuneConfig
 from runtime.atomic import atomic_write_bytes, atomic_write_text
-from runtime.config import ConfigError, load_config, parse_cli
+from runtime.config import ConfigError, HelpFormatter, load_config, parse_cli
 from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.sweep")
@@ -51,18 +52,49 @@ class SweepConfig:
     max_failures: int = 1
 
 
+# fine-tuning keys that name files: relative values are read from the directory the sweep was started in, not
+# from the Ray worker's (each trial runs in a directory of its own, possibly on another node)
+PATH_KEYS = ("encoder.checkpoint", "data.root")
+
+
+def absolute_override(override: str, cwd: Path) -> str:
+    key, _, value = override.partition("=")
+    if key.strip() in PATH_KEYS and value and value.lower() not in ("null", "none", "~") \
+            and not Path(value).is_absolute() and "://" not in value:
+        return f"{key}={cwd / value}"
+    return override
+
+
+def with_absolute_paths(cfg: SweepConfig, cwd: Path) -> SweepConfig:
+    """base_overrides and searched values of path keys made absolute against `cwd` (the caller's directory)."""
+    space = {key: {kind: [str(cwd / v) if key in PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute()
+                          else v for v in values] for kind, values in spec.items()}
+             for key, spec in cfg.search_space.items()}
+    return dataclasses.replace(cfg, base_overrides=[absolute_override(o, cwd) for o in cfg.base_overrides],
+                               search_space=space)
+
+
 def check_space(cfg: SweepConfig) -> None:
-    """Every searched key must be a fine-tuning config key of the right type: an error names the one that is not."""
+    """Every searched key must be a fine-tuning config key, and each listed value (choice, grid) or bound must fit
+    it; an encoder checkpoint must exist. An error names the key or value that does not, before Ray starts."""
+    base = [*cfg.base_overrides, "run.output_dir=x", "data.dataset=x"]
+    try:
+        base_cfg = load_config(FinetuneConfig, cfg.base_config, base)
+    except ConfigError as e:
+        raise ConfigError(f"base_overrides do not fit the fine-tuning config: {e}") from None
+    if base_cfg.encoder.checkpoint and not Path(base_cfg.encoder.checkpoint).exists():
+        raise ConfigError(f"base_overrides: encoder.checkpoint={base_cfg.encoder.checkpoint} does not exist (relative "
+                          f"paths are read from the directory the sweep starts in)")
     for key, spec in cfg.search_space.items():
         if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
             raise ConfigError(f"search_space.{key}: expected one of {{{', '.join(SPACE_KINDS)}: [...]}}, got {spec}")
         kind, args = next(iter(spec.items()))
-        sample = args[0]
-        overrides = [*cfg.base_overrides, "run.output_dir=x", "data.dataset=x", f"{key}={sample}"]
-        try:
-            load_config(FinetuneConfig, cfg.base_config, overrides)
-        except ConfigError as e:
-            raise ConfigError(f"search_space: parameter {key!r} does not fit the fine-tuning config: {e}") from None
+        for sample in args:
+            try:
+                load_config(FinetuneConfig, cfg.base_config, [*base, f"{key}={sample}"])
+            except ConfigError as e:
+                raise ConfigError(f"search_space: parameter {key!r} value {sample!r} does not fit the fine-tuning "
+                                  f"config: {e}") from None
 
 
 def to_tune_space(space: Dict[str, Dict[str, List[Any]]]) -> Dict[str, Any]:
@@ -147,6 +179,17 @@ def collect(cfg: SweepConfig, dataset: str, grid) -> List[Dict[str, Any]]:
                      "test": metrics.get("test", {}).get(metrics.get("primary_metric", ""), None),
                      "primary": metrics.get("primary_metric") or (curve and "val_metric") or ""})
     return rows
+
+
+class OneLineTrialErrors(logging.Filter):
+    """Ray Tune logs each failed try of a trial with its whole remote traceback: one line here (the error is kept
+    in the trial's error.txt, and results.md names it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg, record.args = f"{record.getMessage()}: {error_line(record.exc_info[1])}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def error_line(error: BaseException) -> str:
@@ -237,7 +280,7 @@ def connect(address: str, nodes: int, timeout_s: float) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--datasets", nargs="+", help="a subset of the config's datasets")
     parser.add_argument("--address", help="an existing Ray cluster (e.g. auto); default: a local Ray")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
@@ -246,6 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--wait-s", type=float, default=300)
     try:
         cfg, args = parse_cli(SweepConfig, argv, description=__doc__, parser=parser)
+        cfg = with_absolute_paths(cfg, Path.cwd())
         check_space(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -262,6 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         connect(args.address, args.wait_nodes, args.wait_s)
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(OneLineTrialErrors())
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -275,6 +320,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(json.dumps(best, indent=1))
     failed = [r for r in rows if r["status"] == "failed"]
     log.info("%d trials, %d failed; results in %s/results.md", len(rows), len(failed), out)
+    if rows and len(failed) == len(rows):
+        first = failed[0]
+        log.error("every trial failed; the first (%s, %s): %s", first["dataset"], first["trial"], first["error"])
+        return 1
     return 0
 
 

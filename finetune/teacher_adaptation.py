@@ -13,11 +13,12 @@ from torch import nn
 
 from data_tools.reader import SharedEpoch
 from data_tools.registry import REGRESSION, SINGLE_LABEL
+from data_tools.text import label_text
 from finetune.config import AdaptConfig
 from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
 from finetune.engine import Finetuning, predict_split
 from finetune.metrics import compute_metrics
-from finetune.zeroshot import label_embeddings, label_text, resolve_templates
+from finetune.zeroshot import label_embeddings, resolve_templates
 from pretrain.cache_teacher import center_view
 from pretrain.teacher import CLIPTeacher
 from runtime import distributed

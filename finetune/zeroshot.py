@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_tools.registry import SINGLE_LABEL
+from data_tools.text import label_text
 from pretrain.config import LossConfig, ModelConfig, TeacherConfig
 from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
 from runtime.atomic import atomic_write_json
 from runtime.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from runtime.config import config_from_dict, load_config
+from runtime.cli import with_one_line_errors
+from runtime.config import HelpFormatter, config_from_dict, load_config
 from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.zeroshot")
@@ -45,11 +47,6 @@ def resolve_templates(name: str) -> Sequence[str]:
     if not templates or bad:
         raise ValueError(f"{path}: each line must hold exactly one '{{}}' for the label (bad: {bad[:3]})")
     return templates
-
-
-def label_text(label: str) -> str:
-    """A class name as a prompt word: folder names such as 'ankle_boot' read 'ankle boot'."""
-    return label.replace("_", " ")
 
 
 def read_labels(path: str) -> List[str]:
@@ -148,12 +145,21 @@ def evaluate(checkpoint: Optional[str], teacher: nn.Module, dataset: str, data: 
     return result
 
 
+def default_out(checkpoint: str, dataset: str, teacher_only: bool) -> Path:
+    """RUN/zeroshot_<dataset>[_teacher] beside the pretraining run's checkpoints (the run the figures belong to)."""
+    path = Path(checkpoint)
+    run = path.parent.parent if path.parent.name == "checkpoints" else (path if path.is_dir() else path.parent)
+    return run / f"zeroshot_{dataset}{'_teacher' if teacher_only else ''}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a pretraining run or checkpoint")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--data", required=True, help="the dataset's shards (or image folder)")
-    parser.add_argument("--out", default="runs/zeroshot", help="directory for zeroshot.json")
+    parser.add_argument("--out", help="directory for zeroshot.json (default: RUN/zeroshot_DATASET, or "
+                                      "RUN/zeroshot_DATASET_teacher with --teacher-only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing zeroshot.json in --out")
     parser.add_argument("--templates", default="emotion",
                         help=f"prompt templates: {', '.join(TEMPLATE_SETS)}, or a file with one per line")
     parser.add_argument("--splits", nargs="+", default=["test"], choices=["train", "val", "test"])
@@ -163,12 +169,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_teacher_args(parser, "the teacher's weights file (default: the run's)")
     args = parser.parse_args(argv)
     setup_logging()
-    teacher = make_teacher(teacher_config_from_args(args, load_checkpoint(args.checkpoint)["config"]["teacher"]))
-    result = evaluate(None if args.teacher_only else args.checkpoint, teacher, args.dataset, args.data, args.out,
-                      templates=resolve_templates(args.templates), crop_pct=args.crop_pct, splits=args.splits)
-    print(json.dumps({split: {k: result[split][k] for k in ("top1", "top3", "n")} for split in args.splits}))
-    return 0
 
+    def body() -> int:
+        out = Path(args.out) if args.out else default_out(args.checkpoint, args.dataset, args.teacher_only)
+        if (out / "zeroshot.json").exists() and not args.overwrite:
+            raise FileExistsError(f"{out / 'zeroshot.json'} exists: give another --out, or --overwrite to replace it")
+        teacher = make_teacher(teacher_config_from_args(args, load_checkpoint(args.checkpoint)["config"]["teacher"]))
+        result = evaluate(None if args.teacher_only else args.checkpoint, teacher, args.dataset, args.data, str(out),
+                          templates=resolve_templates(args.templates), crop_pct=args.crop_pct, splits=args.splits)
+        print(json.dumps({split: {k: result[split][k] for k in ("top1", "top3", "n")} for split in args.splits}))
+        log.info("zero-shot metrics -> %s", out / "zeroshot.json")
+        return 0
+    return with_one_line_errors(body)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -33,11 +33,14 @@ from data_tools.images import to_rgb
 from data_tools.reader import expand_urls, leave_stop_signals_to_main
 from data_tools.tars import read_tar
 from data_tools.writer import atomic_tar
-from pretrain.data import normalize_pixels
+from pretrain.data import check_shards, normalize_pixels
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD, add_teacher_args, make_teacher, teacher_config_from_args
+from pretrain.teacher_error import TeacherCacheError
 from runtime import distributed
 from runtime.atomic import atomic_write_json
-from runtime.device import configure_cuda, loader_workers, resolve_device
+from runtime.cli import BAD_INPUT, with_one_line_errors
+from runtime.config import HelpFormatter
+from runtime.device import DeviceError, configure_cuda, loader_workers, resolve_device
 from runtime.logs import setup_logging
 from runtime.precision import autocast, resolve_precision
 
@@ -167,7 +170,7 @@ def cache_teacher(shards: Sequence[str], teacher: nn.Module, out: str, batch_siz
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--shards", nargs="+", required=True, help="shard files or brace patterns")
     add_teacher_args(parser, "local weights file ('random': open_clip plumbing tests; 'packaged': classifier)")
     parser.add_argument("--out", required=True)
@@ -182,32 +185,47 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     env = distributed.resolve_env()
     setup_logging(env.rank)
-    device = resolve_device(env, args.device, args.precision)
-    teacher = make_teacher(teacher_config_from_args(args))
-    start = time.perf_counter()
-    stats = cache_teacher(args.shards, teacher, args.out, args.batch_size, args.dtype, str(device),
-                          loader_workers(args.workers), env.rank, env.world_size, args.precision)
-    samples = sum(s["samples"] for s in stats)
-    log.info("teacher cache: rank %d of %d, %d shards, %d samples -> %s (%.1f img/s)", env.rank, env.world_size,
-             len(stats), samples, args.out, samples / max(time.perf_counter() - start, 1e-9))
-    return 0
 
+    def body() -> int:
+        device = resolve_device(env, args.device, args.precision)
+        check_shards(args.shards)
+        teacher = make_teacher(teacher_config_from_args(args))
+        start = time.perf_counter()
+        stats = cache_teacher(args.shards, teacher, args.out, args.batch_size, args.dtype, str(device),
+                              loader_workers(args.workers), env.rank, env.world_size, args.precision)
+        samples = sum(s["samples"] for s in stats)
+        log.info("teacher cache: rank %d of %d, %d shards, %d samples -> %s (%.1f img/s)", env.rank,
+                 env.world_size, len(stats), samples, args.out, samples / max(time.perf_counter() - start, 1e-9))
+        return 0
+    return with_one_line_errors(body, BAD_INPUT + (DeviceError,))
 
-def check_teacher_cache(cache_dir: str, teacher_cfg) -> None:
-    """A cache made by another teacher than the run's `teacher.*` would feed wrong targets silently (two teachers of
-    one width fit the same slots): an error naming both. Caches that recorded no identity are let through."""
+def check_teacher_cache(cache_dir: Optional[str], teacher_cfg, sources: Sequence[Sequence[str]],
+                        patterns: Sequence[str] = ()) -> None:
+    """Before a cached run builds anything: `data.teacher_cache` set, holding a finished sidecar for every shard of
+    `sources` (check_shards' result), made by the run's teacher (two teachers of one width fit the same slots, so
+    another teacher's cache would feed wrong targets silently). Errors name the key and the command that makes
+    the cache. Caches that recorded no teacher identity are let through."""
     from pretrain.teacher import teacher_identity
-    stats_files = sorted(Path(cache_dir).glob("*_stats.json"))
-    if not stats_files:
-        raise FileNotFoundError(f"data.teacher_cache={cache_dir}: no *_stats.json (not made by pretrain.cache_teacher, "
-                                f"or not finished)")
-    recorded = json.loads(stats_files[0].read_text()).get("teacher_identity")
+    shards = [u for urls in sources for u in urls]
+    teacher = [f"--teacher-{k} {v}" for k, v in (("backend", teacher_cfg.backend), ("arch", teacher_cfg.arch),
+                                                 ("checkpoint", teacher_cfg.checkpoint)) if v]
+    command = " ".join(["python -m pretrain.cache_teacher --shards", *(f"'{p}'" for p in patterns or shards),
+                        *teacher, "--out", cache_dir or "DIR"])
+    if not cache_dir:
+        raise TeacherCacheError(f"teacher.cached=true needs data.teacher_cache=DIR, the sidecar shards that "
+                                f"`{command}` writes (or teacher.cached=false to run the teacher in every step)")
+    missing = [u for u in shards if not is_done(Path(cache_dir), u)]
+    if missing:
+        raise TeacherCacheError(f"data.teacher_cache={cache_dir} lacks the teacher's outputs for {len(missing)} of "
+                                f"{len(shards)} shards of data.train (e.g. {Path(missing[0]).name}): run `{command}` "
+                                f"(it resumes, skipping finished shards)")
+    stats_file = Path(cache_dir) / f"{Path(shards[0]).stem}_stats.json"
+    recorded = json.loads(stats_file.read_text()).get("teacher_identity")
     expected = teacher_identity(teacher_cfg)
     if recorded is not None and recorded != expected:
-        raise ValueError(f"data.teacher_cache={cache_dir} was made by the teacher {recorded}, but this run's teacher.* "
-                         f"is {expected}: rebuild the cache with this teacher (python -m pretrain.cache_teacher), or "
-                         f"set teacher.* to the cache's")
-
+        raise TeacherCacheError(f"data.teacher_cache={cache_dir} was made by the teacher {recorded}, but this run's "
+                                f"teacher.* is {expected}: rebuild the cache with this teacher (`{command}` into a new "
+                                f"directory), or set teacher.* to the cache's")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -2,7 +2,7 @@
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Tuple, Union
 
-from runtime.config import DebugConfig, OptimConfig, RunConfig, must_exist
+from runtime.config import DebugConfig, OptimConfig, RunConfig, bounded, must_exist
 
 
 @dataclass
@@ -17,11 +17,12 @@ class ModelConfig:
     decoder_embed_dim: Optional[int] = None
     decoder_depth: Optional[int] = None
     decoder_num_heads: Optional[int] = None
-    mask_ratio: float = 0.75                # MAE's default; the reference code used 0.9
+    mask_ratio: float = bounded(0.75, 0, 1, open_low=True, open_high=True)  # MAE's default (reference: 0.9)
     norm_pix_loss: bool = False
     projection: Literal["decoder_embed", "linear"] = "decoder_embed"
-    fusion: str = "sum_ln_elu"
-    fusion_heads: int = 3
+    fusion: Literal["sum_ln_elu", "weighted_sum", "gated_attention", "mlp_glu", "bilinear_residual",
+                    "scene_only"] = "sum_ln_elu"   # pretrain/fusion.py FUSIONS
+    fusion_heads: int = bounded(3, 1)
     mae_checkpoint: Optional[str] = must_exist(None)   # official mae_pretrain_* / mae_visualize_* file
     init_from: Optional[str] = must_exist(None)        # weights of one of our checkpoints (fresh optimizer)
 
@@ -35,42 +36,42 @@ class TeacherConfig:
     arch: Optional[str] = None              # open_clip: model name or model-config .json (default ViT-B-16);
                                             # classifier: torchvision ImageNet-1k model (default mobilenet_v2)
     text_encoder: str = "packaged"          # classifier: sentence-transformers model directory, or "packaged"
-    image_size: int = 224                   # classifier: its input side (open_clip uses the model's own)
-    temperature: float = 3.0                # classifier: logits / temperature before the softmax over classes
+    image_size: int = bounded(224, 1)                  # classifier: its input side (open_clip uses the model's own)
+    temperature: float = bounded(3.0, 0, open_low=True)  # classifier: logits / temperature before the softmax
     checkpoint_sha256: Optional[str] = None # classifier: expected sha256 of the weights file (checked)
     cached: bool = False                    # read clip_image / clip_text from the shards' teacher cache
 
 
 @dataclass
 class LossConfig:
-    mae: float = 1.0                        # L3, masked-patch reconstruction
-    paired: float = 1.0                     # L2, student vs CLIP image embedding
-    relational: float = 1.0                 # L1, similarity profile over the batch's texts
+    mae: float = bounded(1.0, 0)                       # L3, masked-patch reconstruction
+    paired: float = bounded(1.0, 0)                    # L2, student vs CLIP image embedding
+    relational: float = bounded(1.0, 0)                # L1, similarity profile over the batch's texts
 
 
 @dataclass
 class DataConfig:
     train: List[str]                        # required: shard files or brace patterns; several sources are mixed
-    weights: Optional[List[float]] = None   # one per source (resampled only)
+    weights: Optional[List[float]] = bounded(None, 0, open_low=True)  # one per source (resampled only)
     teacher_cache: Optional[str] = None     # sidecar shards from pretrain.cache_teacher (teacher.cached=true)
-    batch_size: int = 64                    # per rank and micro-step
-    num_workers: Union[int, Literal["auto"]] = 4  # auto: this rank's CPUs less 2 (runtime/device.py)
-    shuffle_buffer: int = 2000
+    batch_size: int = bounded(64, 1)                   # per rank and micro-step
+    num_workers: Union[int, Literal["auto"]] = bounded(4, 0) # auto: this rank's CPUs less 2 (runtime/device.py)
+    shuffle_buffer: int = bounded(2000, 0)
     resampled: bool = True                  # draw shards with replacement (fixed steps per epoch on every rank)
-    samples_per_epoch: Optional[int] = None # default: the shards' sizes.json totals (needed for pipe: shards)
-    url_timeout_s: float = 60.0             # http(s) shards: connect and per-read timeout
-    crop_scale: Tuple[float, float] = (0.2, 1.0)
+    samples_per_epoch: Optional[int] = bounded(None, 1)  # default: the shards' sizes.json totals (pipe: needs it)
+    url_timeout_s: float = bounded(60.0, 0, open_low=True)            # http(s) shards: connect and per-read timeout
+    crop_scale: Tuple[float, float] = bounded((0.2, 1.0), 0, 1, open_low=True)
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 100
+    epochs: float = bounded(100, 0, open_low=True)
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: Optional[str] = must_exist(None)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs >= 8.0, fp16 older, CPU fp32
-    max_nonfinite: int = 3                  # consecutive skipped steps (non-finite loss) before the run stops
-    image_every: int = 500                  # steps between reconstruction images in TensorBoard (0: never)
-    peak_tflops: Optional[float] = None     # per device, for MFU; known GPUs are looked up, CPU needs a value
+    max_nonfinite: int = bounded(3, 1)  # consecutive skipped steps (non-finite loss) before the run stops
+    image_every: int = bounded(500, 0)                 # steps between reconstruction images in TensorBoard (0: never)
+    peak_tflops: Optional[float] = bounded(None, 0, open_low=True)  # per device, for MFU; known GPUs looked up
     compile: bool = False                   # torch.compile each transformer block (encoder and decoder)
 
 

@@ -8,6 +8,7 @@ import torch
 from data_tools.crops import DraftResizedCrops, person_region
 from data_tools.reader import SharedEpoch, expand_urls, make_loader
 from data_tools.remote import URL_TIMEOUT_S, is_remote, read_sizes, shard_name
+from data_tools.shard_errors import ShardError, check_enough_shards
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -75,26 +76,49 @@ def count_samples(patterns: Sequence[str], timeout_s: float = URL_TIMEOUT_S) -> 
     for url in expand_urls(list(patterns)):
         sizes = read_sizes(url, timeout_s, cache)
         if shard_name(url) not in sizes:
-            raise ValueError(f"the sizes.json beside {url} does not list {shard_name(url)}: set data.samples_per_epoch")
+            raise ShardError(f"the sizes.json beside {url} does not list {shard_name(url)}: set data.samples_per_epoch")
         total += sizes[shard_name(url)]
     return total
 
 
-def check_shards(patterns: Sequence[str]) -> List[List[str]]:
-    """Each source's shards; a missing or empty local shard is an error naming the pattern (remote shards are
-    checked as they are read: an unreadable one is counted and skipped)."""
+def brace_form(pattern: str) -> str:
+    """For a directory or a glob given as data.train: the brace pattern of the shards it holds, as a hint."""
+    import glob
+    import re
+    found = sorted(glob.glob(str(Path(pattern) / "*.tar")) if Path(pattern).is_dir() else glob.glob(pattern))
+    numbers = [m.group(1) for m in (re.fullmatch(r"(\d+)\.tar", Path(p).name) for p in found) if m]
+    if not found:
+        return ""
+    one_dir = len({str(Path(p).parent) for p in found}) == 1
+    if len(numbers) == len(found) and len({len(n) for n in numbers}) == 1 and one_dir:
+        return f"[{Path(found[0]).parent}/{{{numbers[0]}..{numbers[-1]}}}.tar]"
+    return "[" + ", ".join(found[:3]) + (", ..." if len(found) > 3 else "") + "]"
+
+
+def check_shards(patterns: Sequence[str], resampled: bool = True, workers: int = 0,
+                 world_size: int = 1) -> List[List[str]]:
+    """Each source's shards; a missing or empty local shard, a directory or glob where shard files are expected,
+    or too few shards for plain reading is an error naming the pattern, before anything is built (remote shards
+    are checked as they are read: an unreadable one is counted and skipped)."""
     sources = []
     for pattern in patterns:
         urls = expand_urls(pattern)
         local = [u for u in urls if not is_remote(u)]
         missing = [u for u in local if not Path(u).is_file()]
         if not urls or missing:
-            raise FileNotFoundError(f"data.train: {pattern!r} — {len(missing)} of {len(urls)} shards missing"
-                                    + (f", e.g. {missing[0]}" if missing else ""))
+            hint = brace_form(pattern) if not is_remote(pattern) else ""
+            if hint:  # a directory or a glob: name the brace form of what it holds
+                kind = "a directory" if Path(pattern).is_dir() else "a glob"
+                raise ShardError(f"data.train: {pattern!r} is {kind}; data.train takes shard files or brace "
+                                 f"patterns: data.train='{hint}'")
+            raise ShardError(f"data.train: {pattern!r} — {len(missing)} of {len(urls)} shards missing"
+                             + (f", e.g. {missing[0]}" if missing else ""))
         empty = [u for u in local if Path(u).stat().st_size == 0]
         if empty:
-            raise ValueError(f"data.train: empty shard file(s), e.g. {empty[0]}")
+            raise ShardError(f"data.train: empty shard file(s), e.g. {empty[0]}")
         sources.append(urls)
+    if not resampled:
+        check_enough_shards(sum(len(s) for s in sources), workers, world_size)
     return sources
 
 

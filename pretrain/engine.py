@@ -55,14 +55,11 @@ class Pretraining(TrainingJob):
         self.lr = cfg.optim.lr
         self.max_nonfinite = cfg.train.max_nonfinite
         self.batch_size = cfg.data.batch_size
-        self.sources = check_shards(cfg.data.train)  # missing or empty shards: an error naming them, once per run
+        # missing, empty or too few shards: an error naming them, once per run, before anything is built
+        self.sources = check_shards(cfg.data.train, cfg.data.resampled, cfg.data.num_workers, env.world_size)
         distill = needs_teacher(loss_weights(cfg.loss))
-        if cfg.teacher.cached and distill:
-            if not cfg.data.teacher_cache:
-                raise ValueError("teacher.cached=true needs data.teacher_cache=DIR, the sidecar shards of "
-                                 "`python -m pretrain.cache_teacher --shards ... --out DIR` (or teacher.cached=false "
-                                 "to run the teacher in every step)")
-            check_teacher_cache(cfg.data.teacher_cache, cfg.teacher)
+        if cfg.teacher.cached and distill:  # missing or partial: an error before the model is built
+            check_teacher_cache(cfg.data.teacher_cache, cfg.teacher, self.sources, cfg.data.train)
         samples = cfg.data.samples_per_epoch or count_samples(cfg.data.train, cfg.data.url_timeout_s)
         self.steps_per_epoch = max(1, samples // self.samples_per_step)
         self.total_steps = max(1, int(round(cfg.train.epochs * self.steps_per_epoch)))
@@ -138,9 +135,10 @@ class Pretraining(TrainingJob):
                                        context=lambda: autocast(self.precision, self.device))
 
     def on_start(self, state: TrainState) -> None:
-        log.info("training steps %d..%d (%d per epoch), %d samples per step, lr %.3g, %s, %s", state.step + 1,
-                 self.total_steps, self.steps_per_epoch, self.samples_per_step, self.lr, self.strategy.name,
-                 self.precision)
+        if state.step < self.total_steps:
+            log.info("training steps %d..%d (%d per epoch), %d samples per step, lr %.3g, %s, %s", state.step + 1,
+                     self.total_steps, self.steps_per_epoch, self.samples_per_step, self.lr, self.strategy.name,
+                     self.precision)
         if self.cfg.debug.record_keys:
             (self.run_dir / "keys").mkdir(parents=True, exist_ok=True)
             self.keys_log = open(self.run_dir / "keys" / f"rank{self.env.rank}.jsonl", "a", buffering=1)

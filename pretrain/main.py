@@ -7,7 +7,9 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # run as a file (torchrun pretrain/main.py): make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data_tools.shard_errors import ShardError  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.teacher_error import TeacherCacheError, TeacherError  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
 from runtime.device import DeviceError  # noqa: E402
 from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
@@ -25,7 +27,8 @@ def pretrain(cfg: PretrainConfig, stop: StopRequest) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_job(PretrainConfig, argv, __doc__, log, pretrain,
-                   expected=(NonFiniteLossError, CheckpointError, FileNotFoundError, DeviceError), traced=(ValueError,))
+                   expected=(NonFiniteLossError, CheckpointError, FileNotFoundError, DeviceError, TeacherError,
+                             TeacherCacheError, ShardError), traced=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -40,17 +40,49 @@ def must_exist(default: Any = MISSING, **kwargs) -> Any:
     return field(default=default, metadata=metadata, **kwargs)
 
 
+def bounded(default: Any = MISSING, low: Optional[float] = None, high: Optional[float] = None, *,
+            open_low: bool = False, open_high: bool = False, **kwargs) -> Any:
+    """A number field (or list of numbers) whose value must lie in [low, high] (an open end excludes it), checked
+    when the config is loaded, so a value out of range is a config error (exit 2) and not a strange run."""
+    metadata = {"range": (low, high, open_low, open_high)}
+    if default is MISSING:
+        return field(metadata=metadata, **kwargs)
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: default, metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def range_text(low: Optional[float], high: Optional[float], open_low: bool, open_high: bool) -> str:
+    if low is not None and high is not None:
+        return f"{low} {'<' if open_low else '<='} value {'<' if open_high else '<='} {high}"
+    if low is not None:
+        return f"value {'>' if open_low else '>='} {low}"
+    return f"value {'<' if open_high else '<='} {high}"
+
+
+def _check_range(value: Any, bounds: Tuple, key: str, source: str) -> None:
+    low, high, open_low, open_high = bounds
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue  # None or a word such as "auto"
+        below = low is not None and (v <= low if open_low else v < low)
+        above = high is not None and (v >= high if open_high else v > high)
+        if below or above:
+            raise ConfigError(f"{source}: key '{key}' = {v!r} is out of range (expected "
+                              f"{range_text(low, high, open_low, open_high)})")
+
+
 @dataclass
 class RunConfig:
     """Where a run writes and how often it logs and checkpoints (shared by both trainers)."""
     output_dir: str                     # required: the run directory (checkpoints/, tb/, config.yaml, meta.json)
     seed: int = 0
     resume: str = "latest"              # "latest" (resume if the run dir has a checkpoint), "none", or a path
-    log_every: int = 10                 # steps between metric reductions / TensorBoard points
-    ckpt_every: int = 100               # steps between checkpoints (one is always written at the end)
-    keep_last: int = 3                  # rolling checkpoints kept
-    milestone_every: int = 0            # steps between checkpoints kept forever (0: none)
-    dist_timeout_s: int = 1800          # collective timeout: a crashed rank ends the others after this; longer
+    log_every: int = bounded(10, 1)     # steps between metric reductions / TensorBoard points
+    ckpt_every: int = bounded(100, 1)   # steps between checkpoints (one is always written at the end)
+    keep_last: int = bounded(3, 1)      # rolling checkpoints kept
+    milestone_every: int = bounded(0, 0)  # steps between checkpoints kept forever (0: none)
+    dist_timeout_s: int = bounded(1800, 1)  # collective timeout: a crashed rank ends the others after this; longer
                                         # than the loader's 900 s, so a stalled loader is reported as itself
     device: Literal["auto", "cuda", "cpu"] = "auto"   # auto: this rank's GPU if there is one (runtime/device.py)
 
@@ -58,14 +90,14 @@ class RunConfig:
 @dataclass
 class OptimConfig:
     """AdamW with warmup + half-cycle cosine; lr derived as blr * effective_batch / 256 unless given."""
-    blr: float = 1e-3
-    lr: Optional[float] = None
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: Tuple[float, float] = (0.9, 0.95)
-    warmup_epochs: float = 0.0
-    accum_steps: int = 1
-    clip_grad: Optional[float] = None
+    blr: float = bounded(1e-3, 0, open_low=True)
+    lr: Optional[float] = bounded(None, 0, open_low=True)
+    min_lr: float = bounded(0.0, 0)
+    weight_decay: float = bounded(0.05, 0)
+    betas: Tuple[float, float] = bounded((0.9, 0.95), 0, 1, open_high=True)
+    warmup_epochs: float = bounded(0.0, 0)
+    accum_steps: int = bounded(1, 1)
+    clip_grad: Optional[float] = bounded(None, 0, open_low=True)
 
 
 @dataclass
@@ -108,7 +140,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     args = typing.get_args(tp)
 
     def fail(expected: str) -> ConfigError:
-        return ConfigError(f"{source}: key '{key}' expects {expected}, got {value!r} ({type(value).__name__})")
+        kind = "str" if isinstance(value, _Override) else type(value).__name__
+        return ConfigError(f"{source}: key '{key}' expects {expected}, got {value!r} ({kind})")
 
     if tp is Any:
         return yaml.safe_load(value) if isinstance(value, _Override) else value
@@ -237,6 +270,8 @@ def _build(schema: Type[T], raw: Dict[str, Any], source: str, prefix: str = "") 
                 kwargs[name] = _build(hints[name], {}, source, prefix=key + ".")
                 continue
             raise ConfigError(f"{source}: missing required key '{key}' (set it in the config file or as {key}=...)")
+        if f.metadata.get("range") and name in kwargs:
+            _check_range(kwargs[name], f.metadata["range"], key, source)
         if f.metadata.get("must_exist") and kwargs.get(name) is not None:
             if not os.path.exists(kwargs[name]):
                 raise ConfigError(f"{source}: key '{key}' names a path that does not exist: {kwargs[name]}")
@@ -304,14 +339,125 @@ def config_to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each flag's default (where it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if "%(default)" not in text and action.option_strings and shown:
+            text += " (default: %(default)s)"
+        return text
+
+
+def schema_keys(schema: Type[Any], prefix: str = "", values: Any = None) -> List[Tuple[str, str]]:
+    """(dotted key, default) for every key of a config schema, sections flattened; required keys say so."""
+    rows = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        if values is not None:
+            default = getattr(values, f.name)
+        elif f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = MISSING
+        if dataclasses.is_dataclass(hints[f.name]):  # a section: its own defaults, or those its parent gives
+            rows += schema_keys(hints[f.name], key + ".", default if dataclasses.is_dataclass(default) else None)
+        else:
+            rows.append((key, "required" if default is MISSING else repr(default)))
+    return rows
+
+
+def schema_epilog(schema: Type[Any]) -> str:
+    keys = schema_keys(schema)
+    width = max(len(k) for k, _ in keys)
+    return "config keys (set in --config FILE or as key=value; defaults shown):\n" + "\n".join(
+        f"  {k.ljust(width)}  {v}" for k, v in keys)
+
+
+def check_repeated(overrides: Sequence[str]) -> None:
+    """A key given twice on one command line is an error naming both values: the usual cause is a brace pattern
+    left unquoted, which the shell expands into one `key=` word per shard (the last would win)."""
+    seen: Dict[str, str] = {}
+    for override in overrides:
+        if "=" not in override:
+            continue
+        key, value = override.split("=", 1)
+        key = key.strip()
+        if key in seen:
+            hint = ""
+            if any(v.strip("[]").endswith(".tar") for v in (seen[key], value)):
+                hint = (f" — an unquoted brace pattern is expanded by the shell into one word per shard; quote it: "
+                        f"'{key}=[shards/train/{{00000..00007}}.tar]'")
+            raise ConfigError(f"command line: key '{key}' is given more than once ({seen[key]!r}, then {value!r})"
+                              + hint)
+        seen[key] = value
+
+
+def shortcut_flags(parser: argparse.ArgumentParser,
+                   flags: Dict[str, str]) -> Callable[[argparse.Namespace], List[str]]:
+    """Flags that stand for config keys, declared on `parser`: {'--data': 'data.root'} takes a value,
+    {'--from-scratch': 'encoder.from_scratch=true'} is a switch. Returns shortcuts(args) -> overrides, for
+    parse_cli; errors about those keys name the flag as typed."""
+    dests = {}
+    for flag, target in flags.items():
+        key = target.split("=", 1)[0]
+        if "=" in target:
+            action = parser.add_argument(flag, action="store_true", help=f"the same as {target}")
+        else:
+            action = parser.add_argument(flag, metavar=key.split(".")[-1].upper(), help=f"the same as {key}=...")
+        dests[action.dest] = (flag, target)
+
+    def overrides(args: argparse.Namespace) -> List[str]:
+        out = []
+        for dest, (flag, target) in dests.items():
+            value = getattr(args, dest)
+            if value in (None, False):
+                continue
+            out.append(target if "=" in target else f"{target}={value}")
+        return out
+    overrides.typed_as = {**{target.split("=", 1)[0]: flag for flag, target in flags.items()},  # type: ignore
+                          **{target: flag for flag, target in flags.items() if "=" in target}}
+    return overrides
+
+
+def name_flags(message: str, typed_as: Dict[str, str]) -> str:
+    """A message about config keys, with each key a flag stands for written as that flag ('--data (data.root)'),
+    since the user typed the flag."""
+    import re
+    for key, flag in sorted(typed_as.items(), key=lambda kv: -len(kv[0])):
+        if "=" in key:  # a switch: 'encoder.from_scratch=true' is what --from-scratch sets
+            message = message.replace(key, flag)
+            continue
+        message = re.sub(rf"'{re.escape(key)}'|(?<![\w.]){re.escape(key)}(?![\w.=])", f"{flag} ({key})", message)
+        message = re.sub(rf"(?<![\w.]){re.escape(key)}=", f"{flag} ", message)
+    return message
+
+
 def parse_cli(schema: Type[T], argv: Optional[Sequence[str]] = None, description: str = "",
-              parser: Optional[argparse.ArgumentParser] = None) -> Tuple[T, argparse.Namespace]:
-    """`--config FILE key=value ...` into a typed config; extra flags may be declared on `parser` by the caller."""
-    parser = parser or argparse.ArgumentParser(description=description)
+              parser: Optional[argparse.ArgumentParser] = None,
+              shortcuts: Optional[Callable[[argparse.Namespace], List[str]]] = None,
+              ) -> Tuple[T, argparse.Namespace]:
+    """`--config FILE key=value ...` into a typed config; extra flags may be declared on `parser` by the caller,
+    and `shortcuts(args)` turns them into overrides. `--help` lists every key with its default; argparse exits
+    0 after it and 2 on a usage error (SystemExit)."""
+    parser = parser or argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.formatter_class = HelpFormatter
+    parser.epilog = "\n\n".join(filter(None, [parser.epilog, schema_epilog(schema)]))
     parser.add_argument("--config", help="YAML config file (keys of the schema; unknown keys are errors)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.blr=1e-4 run.output_dir=runs/x")
-    args = parser.parse_args(argv)
-    return load_config(schema, args.config, args.overrides), args
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides after the config file, e.g. optim.blr=1e-4 run.output_dir=runs/x")
+    args = parser.parse_intermixed_args(argv)  # overrides before and after flags, as the old parser took them
+    overrides = list(args.overrides) + (shortcuts(args) if shortcuts else [])
+    typed_as = getattr(shortcuts, "typed_as", {})
+    try:
+        check_repeated(overrides)
+        return load_config(schema, args.config, overrides), args
+    except ConfigError as e:
+        raise ConfigError(name_flags(str(e), typed_as)) from None
 
 
 def git_sha(repo_dir: Optional[Path] = None) -> str:

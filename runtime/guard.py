@@ -1,9 +1,10 @@
 """Agreement across ranks without a host sync on steps that do not log: a step whose loss is not finite on any rank
 has its update skipped on the device; at sync points (log and checkpoint steps, the last step) the counts and every
-rank's stop request (SIGTERM/SIGUSR1) reach the host in one exchange, and every rank takes the same decision."""
+rank's stop request (SIGTERM/SIGUSR1/Ctrl-C) reach the host in one exchange, and every rank takes the same decision."""
 import logging
 import signal
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -18,24 +19,51 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopRequest:
-    """A request to stop at the next sync point, set by SIGTERM or SIGUSR1 once an entry point has called
-    install() (signal handlers are process-wide: only entry points install them, never a constructor)."""
+    """A request to stop at the next sync point, set by SIGTERM, SIGUSR1 or a first Ctrl-C (SIGINT) once an entry
+    point has called install() (signal handlers are process-wide: only entry points install them, never a
+    constructor). A second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint); one arriving within
+    `SIGINT_ECHO_S` of the first is the same key press forwarded by a launcher (torchrun passes its SIGINT on to
+    ranks that the terminal has already sent it to) and is ignored."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGINT_ECHO_S = 2.0
+    EXIT_INTERRUPTED = 130  # a run stopped by Ctrl-C after its checkpoint: the shell's "interrupted" status
 
     def __init__(self) -> None:
         self.requested = False
         self.name: Optional[str] = None
+        self._sigint_at: Optional[float] = None
 
     def install(self) -> "StopRequest":
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():  # (Ray runs trials in threads: none there)
             for sig in self.SIGNALS:
-                signal.signal(sig, self._on_signal)
+                self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 
+    def uninstall(self) -> None:
+        """The handlers as they were before install() (a job run in-process leaves its caller's Ctrl-C alone)."""
+        for sig, handler in getattr(self, "_previous", {}).items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._sigint_at is not None:
+                if now - self._sigint_at < self.SIGINT_ECHO_S:
+                    return
+                raise KeyboardInterrupt
+            self._sigint_at = now
+            log.warning("Ctrl-C: stopping at the next log step, after a checkpoint; press Ctrl-C again to stop "
+                        "at once without one")
         self.requested = True
-        self.name = signal.Signals(signum).name
+        self.name = self.name or signal.Signals(signum).name
+
+    def exit_status(self, status: int) -> int:
+        """The process's exit status: a run that finished or stopped for the launcher (SIGTERM/SIGUSR1: it requeues)
+        keeps `status`; one stopped by Ctrl-C exits 130 after its checkpoint, as interrupted commands do."""
+        return self.EXIT_INTERRUPTED if status == 0 and self._sigint_at is not None else status
 
 
 class StepGuard:

@@ -1,17 +1,18 @@
 """What both training loops share: run-directory set-up, resume, save, and one guarded optimizer step."""
+import argparse
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from runtime import distributed
 from runtime.checkpoint import CheckpointStore, decide_resume
-from runtime.config import ConfigError, config_to_dict, parse_cli, write_run_metadata
+from runtime.config import ConfigError, config_to_dict, name_flags, parse_cli, write_run_metadata
 from runtime.guard import StepGuard, StopRequest
 from runtime.launcher_watch import exit_with_launcher
 from runtime.logs import setup_logging
@@ -25,10 +26,18 @@ Forward = Callable[[torch.nn.Module, Dict[str, Any]], Tuple[torch.Tensor, Dict[s
 
 
 def run_as_script(main: Callable[[], int], what: str) -> None:
-    """A trainer's `__main__`: exit with main()'s status; on an unexpected error, log it and leave at once
-    (Python's normal exit would wait on data-loader workers that no one told to stop)."""
+    """A trainer's `__main__`: exit with main()'s status; a second Ctrl-C exits 130 in one line; on an unexpected
+    error, log it and leave at once (Python's normal exit would wait on data-loader workers that no one told to
+    stop)."""
     try:
         status = main()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        logging.getLogger(what).error("%s interrupted by a second Ctrl-C: stopped without a checkpoint (the last "
+                                      "complete one stays the resume point)", what)
+        logging.shutdown()
+        os._exit(StopRequest.EXIT_INTERRUPTED)
     except BaseException:
         logging.getLogger(what).exception("%s failed", what)
         logging.shutdown()
@@ -36,15 +45,23 @@ def run_as_script(main: Callable[[], int], what: str) -> None:
     raise SystemExit(status)
 
 
+Shortcuts = Callable[[argparse.Namespace], List[str]]
+
+
 def run_job(schema: type, argv: Optional[Sequence[str]], description: str, log: logging.Logger,
             job: Callable[[Any, StopRequest], int], expected: Tuple[type, ...] = (),
-            traced: Tuple[type, ...] = ()) -> int:
-    """A trainer's main(): its config from the command line (a config error exits 2), logging per rank, the
-    launcher watch, the SIGTERM/SIGUSR1 handlers (a stop request at the next step), then job(cfg, stop) -> exit
-    status; the job starts its process group itself. Errors in `expected` are bad input, logged in one line, and
-    those in `traced` with their traceback; both exit 3. The process group is shut down on every path."""
+            traced: Tuple[type, ...] = (), parser: Optional[argparse.ArgumentParser] = None,
+            shortcuts: Optional[Shortcuts] = None) -> int:
+    """A trainer's main(): its config from the command line (`--help` exits 0 and a usage error 2, as argparse's
+    do; a config error exits 2), logging per rank, the launcher watch, the SIGTERM/SIGUSR1/SIGINT handlers (a stop
+    request at the next sync point), then job(cfg, stop) -> exit status; the job starts its process group itself.
+    `parser` may declare the job's own flags, and `shortcuts(args)` turns them into overrides. Errors in
+    `expected` are bad input, logged in one line, and those in `traced` with their traceback; both exit 3. The
+    process group is shut down on every path."""
     try:
-        cfg, _ = parse_cli(schema, argv, description=description)
+        cfg, _ = parse_cli(schema, argv, description=description, parser=parser, shortcuts=shortcuts)
+    except SystemExit as e:  # argparse has printed the help or the usage error
+        return e.code if isinstance(e.code, int) else 2
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -55,14 +72,15 @@ def run_job(schema: type, argv: Optional[Sequence[str]], description: str, log: 
     try:
         status = job(cfg, stop)
         distributed.shutdown(wait_for_peers=True)
-        return status
+        return stop.exit_status(status)
     except expected + traced as e:
         if isinstance(e, expected):
-            log.error("%s: %s", type(e).__name__, e)
+            log.error("%s: %s", type(e).__name__, name_flags(str(e), getattr(shortcuts, "typed_as", {})))
         else:
             log.exception("bad input")
         return 3
     finally:
+        stop.uninstall()
         distributed.shutdown()
 
 

@@ -3,7 +3,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -19,11 +19,15 @@ class MetricLogger:
     synchronisation; every `every` steps one all-reduce of one vector and one `.tolist()` produce the window's
     numbers (means over steps and ranks), which rank 0 writes to TensorBoard (`train/<name>`, `perf/img_per_s`,
     `perf/data_wait_share`, ...). A value that is not finite (a skipped step's loss) is left out of its mean; a
-    name with no finite value in the window is left out of the window.
+    name with no finite value in the window is left out of the window. Counts are totals of the window instead:
+    `summed` names over its steps and ranks (samples dropped on each rank), `counted` names over its steps only
+    (values every rank holds alike, e.g. skipped updates).
     """
 
     def __init__(self, log_dir: Optional[Union[str, Path]], every: int = 10, prefix: str = "train",
-                 device: Optional[torch.device] = None, console: bool = True):
+                 device: Optional[torch.device] = None, console: bool = True, summed: Sequence[str] = (),
+                 counted: Sequence[str] = ()):
+        self.summed, self.counted = set(summed), set(counted)
         if every < 1:
             raise ValueError(f"log interval must be >= 1, got {every}")
         self.every = every
@@ -88,7 +92,7 @@ class MetricLogger:
         counts = dict(zip(names, reduced[k:2 * k])) | dict(zip(host_names, reduced[2 * k + h:2 * k + 2 * h]))
         steps, samples, data_time, elapsed_sum = reduced[2 * k + 2 * h:]
         elapsed = elapsed_sum / world
-        out = {f"{self.prefix}/{n}": sums[n] / counts[n] for n in sorted(sums) if counts[n] > 0}
+        out = {f"{self.prefix}/{n}": self._value(n, sums[n], counts[n], world) for n in sorted(sums) if counts[n] > 0}
         out["perf/img_per_s"] = samples / elapsed if elapsed > 0 else 0.0
         out["perf/data_wait_share"] = (data_time / world) / elapsed if elapsed > 0 else 0.0
         self.write_scalars(step, out)
@@ -96,6 +100,13 @@ class MetricLogger:
             log.info("step %d  %s", step, "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in out.items()))
         self._reset()
         return out
+
+    def _value(self, name: str, total: float, count: float, world: int) -> float:
+        if name in self.summed:
+            return total
+        if name in self.counted:
+            return total / world
+        return total / count
 
     def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
         """Values already identical on every rank (lr, samples seen): rank 0 writes them as they are, to TensorBoard

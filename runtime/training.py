@@ -18,6 +18,7 @@ from runtime.host_sync import HostSyncLog
 from runtime.loop import StepResult, inject_faults, optimizer_step, prepare_run, resume_run, save_run
 from runtime.metric_logger import MetricLogger
 from runtime.precision import resolve_precision
+from runtime.run_dir import check_same_run
 from runtime.schedule import warmup_cosine_lr
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class TrainingJob:
         configure_cuda(self.device)
         self.precision = resolve_precision(precision, self.device)
         self.run_dir = Path(cfg.run.output_dir)
+        check_same_run(self.run_dir, self.cfg, cfg.run.resume)  # before anything is built or written
         self.state: Optional[TrainState] = None
         # set by the subclass
         self.strategy: Any = None
@@ -181,8 +183,13 @@ class TrainingJob:
         cfg = self.cfg
         state = self.state = self.resume()
         start = state.step
+        if start >= self.total_steps:
+            log.warning("%s in %s is already complete (step %d of %d): nothing to train, its results are written "
+                        "again from the last checkpoint; for a new run set run.output_dir to a new directory",
+                        self.name, self.run_dir, start, self.total_steps)
         self.on_start(state)
-        logger = MetricLogger(self.run_dir / "tb", every=cfg.run.log_every, device=self.device)
+        logger = MetricLogger(self.run_dir / "tb", every=cfg.run.log_every, device=self.device,
+                              summed=("corrupt_samples",), counted=("skipped_steps",))
         if start == 0:
             logger.text("config", "```\n" + config_to_yaml(cfg) + "```")
         guard = StepGuard(self.max_nonfinite, self.device, self.stop)

@@ -23,6 +23,8 @@ if str(REPO) not in sys.path:
 
 import submitit  # noqa: E402
 
+from runtime.config import HelpFormatter  # noqa: E402
+
 ENTRIES = {"pretrain": "pretrain.main", "finetune": "finetune.main"}
 
 
@@ -49,7 +51,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--entry", choices=sorted(ENTRIES), default="pretrain")
     parser.add_argument("--folder", default="runs/submitit/%j", help="submitit's logs and pickles")
     parser.add_argument("--nodes", type=int, default=1)

@@ -1,9 +1,16 @@
-"""Small real-image shards and command lines shared by the pretraining tests."""
+"""Small real-image shards, a tiny pretraining checkpoint and command lines shared by the pretraining tests."""
 from pathlib import Path
+
+import torch
 
 from data_tools.folder import shard_folder
 from data_tools.samples import ImageOptions
+from pretrain.config import LossConfig, ModelConfig, TeacherConfig
+from pretrain.model import UniEmoXPretrainer
+from runtime.checkpoint import CheckpointStore
+from runtime.config import config_to_dict
 
+from conftest import TINY_CLIP
 from image_data import make_class_tree
 
 
@@ -20,3 +27,15 @@ def pretrain_args(pattern: str, out: Path, *extra: str) -> list:
     return ["pretrain/main.py", "--config", "configs/pretrain/tiny.yaml", f"data.train=[{pattern}]",
             f"run.output_dir={out}", "data.batch_size=8", "train.epochs=2", "run.ckpt_every=5", "run.log_every=5",
             "train.image_every=10", "optim.blr=1e-3", *extra]
+
+
+def pretraining_checkpoint(run_dir: Path) -> Path:
+    """A pretraining run directory with one checkpoint of the tiny preset (random weights, seed 0): an encoder
+    source for fine-tuning tests."""
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(preset="tiny")
+    pre = UniEmoXPretrainer(model_cfg, LossConfig(paired=0, relational=0),
+                            TeacherConfig(checkpoint="random", arch=TINY_CLIP), None)
+    cfg = {"model": config_to_dict(model_cfg), "teacher": {"arch": TINY_CLIP, "checkpoint": "random"}}
+    CheckpointStore(run_dir / "checkpoints").save(3, {"model": pre.state_dict(), "step": 3, "config": cfg})
+    return run_dir

@@ -160,7 +160,7 @@ def test_scene_only_and_projection_choices(teacher):
         pretrainer(teacher, mae=0.0, paired=0.0, relational=0.0)
 
 
-def test_cache_teacher_command(teacher, tmp_path):
+def test_cache_teacher_command(teacher, tmp_path, capfd):
     make_class_tree(tmp_path / "src", ["a", "b"], per_class=6, size=40)
     shard_folder("toy", str(tmp_path / "src"), str(tmp_path / "shards"), generic=True, ratios=(1.0, 0.0, 0.0),
                  shard_size=5, min_shards=1, options=ImageOptions(detector="none"))
@@ -192,11 +192,12 @@ def test_cache_teacher_command(teacher, tmp_path):
     # the cache records its teacher: the same teacher.* passes, another one (same width) is refused naming both
     from pretrain.cache_teacher import check_teacher_cache
     same = TeacherConfig(checkpoint=str(tmp_path / "clip.pt"), arch=TINY_CLIP, cached=True)
-    check_teacher_cache(str(tmp_path / "cache"), same)
+    sources = [[str(tmp_path / "shards" / "train" / f"{i:05d}.tar") for i in range(3)]]
+    check_teacher_cache(str(tmp_path / "cache"), same, sources)
     torch.save(teacher.model.state_dict(), tmp_path / "other.pt")
     other = TeacherConfig(checkpoint=str(tmp_path / "other.pt"), arch=TINY_CLIP, cached=True)
     with pytest.raises(ValueError, match=r"was made by the teacher .*clip.pt.*but this run's teacher.* is .*other.pt"):
-        check_teacher_cache(str(tmp_path / "cache"), other)
+        check_teacher_cache(str(tmp_path / "cache"), other, sources)
     from pretrain.main import main as pretrain_main
     rc = pretrain_main(["--config", "configs/pretrain/tiny.yaml",
                         f"data.train=[{tmp_path / 'shards' / 'train' / '{00000..00002}.tar'}]",
@@ -204,6 +205,23 @@ def test_cache_teacher_command(teacher, tmp_path):
                         f"data.teacher_cache={tmp_path / 'cache'}", f"teacher.checkpoint={tmp_path / 'other.pt'}",
                         f"teacher.arch={TINY_CLIP}", "data.num_workers=0", "data.batch_size=4"])
     assert rc == 3 and not (tmp_path / "run" / "checkpoints").exists()
+    # a cache missing, or covering only some shards: refused before the model is built, naming the key and the
+    # command that makes the cache (it resumes)
+    cached_run = ["--config", "configs/pretrain/tiny.yaml",
+                  f"data.train=[{tmp_path / 'shards' / 'train' / '{00000..00002}.tar'}]",
+                  f"run.output_dir={tmp_path / 'run2'}", "teacher.cached=true",
+                  f"teacher.checkpoint={tmp_path / 'clip.pt'}", f"teacher.arch={TINY_CLIP}", "data.num_workers=0",
+                  "data.batch_size=4"]
+    capfd.readouterr()
+    assert pretrain_main(cached_run) == 3
+    err = capfd.readouterr().err
+    assert "teacher.cached=true needs data.teacher_cache=DIR" in err and "python -m pretrain.cache_teacher" in err
+    os.unlink(tmp_path / "cache" / "00001_stats.json")
+    assert pretrain_main([*cached_run, f"data.teacher_cache={tmp_path / 'cache'}"]) == 3
+    err = capfd.readouterr().err
+    assert f"data.teacher_cache={tmp_path / 'cache'} lacks the teacher's outputs for 1 of 3 shards of data.train " \
+           f"(e.g. 00001.tar): run `python -m pretrain.cache_teacher --shards" in err and "Traceback" not in err
+    assert not (tmp_path / "run2" / "checkpoints").exists()
 
 
 def test_the_cache_split_over_ranks_is_the_one_process_cache(teacher, tmp_path):

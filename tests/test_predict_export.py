@@ -54,15 +54,18 @@ def test_predict_folder_and_bad_inputs(setup, tmp_path):
         (images / f"p{i}.jpg").write_bytes(jpeg_bytes(photo_crop(100 + i, 48, tint=i % 6, n_tints=6)))
     (images / "notes.txt").write_text("skipped: not an image extension")
     (images / "truncated.jpg").write_bytes(bad_files()["truncated.jpg"])
+    (images / "empty.jpg").write_bytes(bad_files()["empty.jpg"])
     (tmp_path / "page.jpg").write_bytes(bad_files()["page.jpg"])
     out = tmp_path / "preds.csv"
     assert predict_main(["--checkpoint", str(setup["root"] / "ft"), str(images), str(tmp_path / "page.jpg"),
                          "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 7  # 5 good + truncated + page; the .txt is not an image file
+    assert len(rows) == 8  # 5 good + truncated + empty + page; the .txt is not an image file
     by_name = {r["input"].split("/")[-1]: r for r in rows}
     assert by_name["truncated.jpg"]["status"] == "failed" and "decode_error" in by_name["truncated.jpg"]["reason"]
     assert by_name["page.jpg"]["reason"].startswith("not_an_image")
+    assert by_name["empty.jpg"]["reason"] == "empty: 0-byte file"  # the reason once, then what it means
+    assert all(r["reason"].count(r["reason"].split(":")[0]) == 1 for r in rows if r["status"] == "failed")
     jsonl = tmp_path / "preds.jsonl"
     assert predict_main(["--checkpoint", str(setup["root"] / "ft"), str(images / "p*.jpg"), "--out", str(jsonl),
                          "--topk", "6"]) == 0
@@ -120,6 +123,23 @@ def test_zero_shot_matches_a_hand_computation(setup, tmp_path):
     assert result["test"]["n"] == total == 12 and result["test"]["top1"] == pytest.approx(correct / total)
 
 
+def test_zero_shot_writes_beside_its_run_and_never_overwrites_silently(setup, capsys):
+    from finetune.zeroshot import main as zeroshot_main
+    args = ["--checkpoint", str(setup["root"] / "pre"), "--dataset", "Emotion6", "--data",
+            str(setup["root"] / "shards"), "--teacher-checkpoint", str(setup["root"] / "clip.pt")]
+    out = setup["root"] / "pre" / "zeroshot_Emotion6" / "zeroshot.json"
+    assert zeroshot_main(args) == 0 and out.is_file()
+    first = out.read_bytes()
+    capsys.readouterr()
+    assert zeroshot_main(args) == 2
+    assert capsys.readouterr().err.strip() == f"error: {out} exists: give another --out, or --overwrite to replace it"
+    assert out.read_bytes() == first
+    assert zeroshot_main([*args, "--overwrite"]) == 0
+    assert json.loads(out.read_text())["test"]["top1"] == json.loads(first)["test"]["top1"]
+    assert zeroshot_main([*args, "--teacher-only"]) == 0
+    assert (setup["root"] / "pre" / "zeroshot_Emotion6_teacher" / "zeroshot.json").is_file()
+
+
 def test_exports_reload_in_timm(setup, tmp_path):
     # the encoder of a pretraining run
     path = export_encoder(str(setup["root"] / "pre"), str(tmp_path / "encoder.safetensors"))
@@ -136,9 +156,19 @@ def test_exports_reload_in_timm(setup, tmp_path):
     path = export_classifier(str(setup["root"] / "ft"), str(tmp_path / "classifier.safetensors"))
     _, meta = read_export(str(path))
     assert json.loads(meta["classes"]) == E6 and meta["task"] == "single_label"
-    timm_model = timm.create_model(TIMM_BASE, pretrained=True,
-                                   pretrained_cfg_overlay=dict(file=str(path), num_classes=6), num_classes=6,
+    overlay = json.loads(meta["timm_pretrained_cfg"])
+    timm_model = timm.create_model(TIMM_BASE, pretrained=True, num_classes=6,
+                                   pretrained_cfg_overlay=dict(file=str(path), **overlay),
                                    **json.loads(meta["timm_model_args"])).eval()
+    # timm's own preprocessing call gives the export's transform, not the base name's 224 px and mean/std 0.5
+    transform = json.loads(meta["transform"])
+    resolved = timm.data.resolve_data_config({}, model=timm_model)
+    assert tuple(resolved["input_size"]) == (3, transform["input_size"], transform["input_size"]) == (3, 32, 32)
+    assert resolved["mean"] == pytest.approx(transform["mean"]) and resolved["std"] == pytest.approx(transform["std"])
+    assert resolved["crop_pct"] == transform["crop_pct"] and resolved["interpolation"] == "bicubic"
+    plain = timm.data.resolve_data_config({}, model=timm.create_model(TIMM_BASE, pretrained=False, num_classes=6,
+                                                                      **json.loads(meta["timm_model_args"])))
+    assert plain["mean"] != resolved["mean"] and plain["input_size"] != resolved["input_size"]
     predictor = Predictor(str(path))
     with torch.no_grad():
         assert (predictor.model(x) - timm_model(x)).abs().max() < 1e-5

@@ -217,4 +217,7 @@ def test_bad_data_is_a_clear_error(shards, tmp_path):
     assert proc.returncode != 0 and "empty shard file" in proc.stdout + proc.stderr
     proc = run_torchrun(2, *pretrain_args(shards, tmp_path / "c", "data.resampled=false", "data.num_workers=8"),
                         check=False)
-    assert proc.returncode != 0 and "8 shards cannot feed 8 loader workers x 2 ranks" in proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "8 shard(s) cannot feed 8 loader worker(s) x 2 rank(s)" in text
+    # one line, before the model is built, naming the key a user sets
+    assert "set data.resampled=true" in text and "Traceback" not in text and "training steps" not in text

@@ -46,7 +46,7 @@ def test_plain_epoch_reads_every_sample_once(shards):
 
 
 def test_too_few_shards_for_workers_and_ranks(shards):
-    with pytest.raises(ValueError, match="10 shards cannot feed 4 loader workers x 3 ranks"):
+    with pytest.raises(ValueError, match=r"10 shard\(s\) cannot feed 4 loader worker\(s\) x 3 rank\(s\)"):
         make_loader(str(shards / "{00000..00009}.tar"), batch_size=4, transform=key_label, num_workers=4,
                     world_size=3, resampled=False)
     with pytest.raises(ValueError, match="no shards match"):
