@@ -23,10 +23,12 @@ def make_pretrain_shards(root: Path, per_class: int = 40, shards: int = 8) -> st
 
 
 def pretrain_args(pattern: str, out: Path, *extra: str) -> list:
-    """tiny config, batch 8 per rank -> 10 steps per epoch with 2 ranks, 2 epochs."""
-    return ["pretrain/main.py", "--config", "configs/pretrain/tiny.yaml", f"data.train=[{pattern}]",
-            f"run.output_dir={out}", "data.batch_size=8", "train.epochs=2", "run.ckpt_every=5", "run.log_every=5",
-            "train.image_every=10", "optim.blr=1e-3", *extra]
+    """tiny config, batch 8 per rank -> 10 steps per epoch with 2 ranks, 2 epochs; an `extra` override replaces the
+    default of its key (a key given twice is an error on the command line)."""
+    keys = {"data.train": f"[{pattern}]", "run.output_dir": str(out), "data.batch_size": "8", "train.epochs": "2",
+            "run.ckpt_every": "5", "run.log_every": "5", "train.image_every": "10", "optim.blr": "1e-3"}
+    keys.update(o.split("=", 1) for o in extra)
+    return ["pretrain/main.py", "--config", "configs/pretrain/tiny.yaml", *(f"{k}={v}" for k, v in keys.items())]
 
 
 def pretraining_checkpoint(run_dir: Path) -> Path:

@@ -85,10 +85,13 @@ def shards(tmp_path_factory):
 
 
 def trainer_args(shards: str, out: Path, *extra: str) -> list:
-    """Plain (non-resampled) epochs of 5 steps: 160 samples / (batch 8 x 4 ranks)."""
-    return ["configs/pretrain/tiny.yaml", f"data.train=[{shards}]", f"run.output_dir={out}", "data.batch_size=8",
-            "data.resampled=false", "data.num_workers=1", "train.epochs=2", "run.ckpt_every=5", "run.log_every=5",
-            "train.image_every=0", "debug.record_keys=true", *extra]
+    """Plain (non-resampled) epochs of 5 steps: 160 samples / (batch 8 x 4 ranks); an `extra` override replaces the
+    default of its key (a key given twice is an error on the command line)."""
+    keys = {"data.train": f"[{shards}]", "run.output_dir": str(out), "data.batch_size": "8", "data.resampled": "false",
+            "data.num_workers": "1", "train.epochs": "2", "run.ckpt_every": "5", "run.log_every": "5",
+            "train.image_every": "0", "debug.record_keys": "true"}
+    keys.update(o.split("=", 1) for o in extra)
+    return ["configs/pretrain/tiny.yaml", *(f"{k}={v}" for k, v in keys.items())]
 
 
 def check_run(out: Path, total_samples: int = 160) -> dict:
