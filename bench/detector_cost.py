@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.photos import make_web_photos  # noqa: E402
 from data_tools.samples import ImageOptions, SampleBuilder  # noqa: E402
 from runtime.atomic import atomic_write_json  # noqa: E402
-from runtime.config import HelpFormatter  # noqa: E402
+from runtime.cli import HelpFormatter  # noqa: E402
 
 DETECTORS = ("none", "face", "hog", "hog+face")
 

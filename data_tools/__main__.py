@@ -10,7 +10,7 @@ from data_tools.images import DEFAULT_MAX_PIXELS
 from data_tools.registry import REGISTRY
 from data_tools.samples import ImageOptions
 from runtime.logs import setup_logging
-from runtime.config import HelpFormatter
+from runtime.cli import HelpFormatter
 
 
 def _image_args(p: argparse.ArgumentParser, min_shards: int) -> None:

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from data_tools.registry import UnknownDatasetError  # noqa: E402
 from finetune.config import AdaptConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
-from runtime.config import shortcut_flags  # noqa: E402
+from runtime.cli import shortcut_flags  # noqa: E402
 from runtime.device import DeviceError  # noqa: E402
 from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
 from runtime.loop import run_job  # noqa: E402

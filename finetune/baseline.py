@@ -20,7 +20,7 @@ from finetune.config import AugmentConfig, FinetuneDataConfig
 from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
 from finetune.metrics import compute_metrics
 from runtime.atomic import atomic_write_json
-from runtime.config import HelpFormatter
+from runtime.cli import HelpFormatter
 from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.baseline")

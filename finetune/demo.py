@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from finetune.report import markdown, result_rows
 from runtime.atomic import atomic_write_text
-from runtime.config import HelpFormatter
+from runtime.cli import HelpFormatter
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -22,9 +22,8 @@ from finetune.encoder import arch_from_metadata, read_encoder_source, to_timm_ke
 from pretrain.mae import MAEArch, arch_metadata
 from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
 from runtime.atomic import atomic_save_safetensors
-from runtime.config import HelpFormatter
 from runtime.checkpoint import CheckpointError
-from runtime.cli import with_one_line_errors
+from runtime.cli import HelpFormatter, with_one_line_errors
 
 TIMM_BASE = "vit_base_patch16_224"  # any timm ViT name works: the model arguments below define the architecture
 

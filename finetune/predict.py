@@ -30,9 +30,8 @@ from data_tools.tars import read_tar
 from finetune.encoder import arch_from_metadata, build_vit, check_arch_fits
 from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
 from runtime.atomic import atomic_write_text
-from runtime.config import HelpFormatter
 from runtime.checkpoint import CheckpointError
-from runtime.cli import BAD_INPUT
+from runtime.cli import HelpFormatter, bad_input_errors
 from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.predict")
@@ -200,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             predictor = Predictor(args.checkpoint)
         rows = predict(predictor, args.images, args.topk, args.batch_size)
-    except BAD_INPUT as e:
+    except bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_rows(rows, args.out)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from runtime.atomic import atomic_write_text
-from runtime.config import HelpFormatter
+from runtime.cli import HelpFormatter
 
 RESULT_FILES = ("metrics.json", "zeroshot.json")
 

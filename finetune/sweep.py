@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from finetune.config import FinetuneConfig
 from runtime.atomic import atomic_write_bytes, atomic_write_text
-from runtime.config import ConfigError, HelpFormatter, load_config, parse_cli
+from runtime.cli import HelpFormatter, parse_cli
+from runtime.config import ConfigError, load_config
 from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.sweep")

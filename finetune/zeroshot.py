@@ -25,8 +25,8 @@ from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
 from runtime.atomic import atomic_write_json
 from runtime.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from runtime.cli import with_one_line_errors
-from runtime.config import HelpFormatter, config_from_dict, load_config
+from runtime.cli import HelpFormatter, with_one_line_errors
+from runtime.config import config_from_dict, load_config
 from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.zeroshot")

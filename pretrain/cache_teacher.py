@@ -38,8 +38,7 @@ from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD, add_teacher_args, make
 from pretrain.teacher_error import TeacherCacheError
 from runtime import distributed
 from runtime.atomic import atomic_write_json
-from runtime.cli import BAD_INPUT, with_one_line_errors
-from runtime.config import HelpFormatter
+from runtime.cli import HelpFormatter, with_one_line_errors
 from runtime.device import DeviceError, configure_cuda, loader_workers, resolve_device
 from runtime.logs import setup_logging
 from runtime.precision import autocast, resolve_precision
@@ -197,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.info("teacher cache: rank %d of %d, %d shards, %d samples -> %s (%.1f img/s)", env.rank,
                  env.world_size, len(stats), samples, args.out, samples / max(time.perf_counter() - start, 1e-9))
         return 0
-    return with_one_line_errors(body, BAD_INPUT + (DeviceError,))
+    return with_one_line_errors(body, (DeviceError,))
 
 def check_teacher_cache(cache_dir: Optional[str], teacher_cfg, sources: Sequence[Sequence[str]],
                         patterns: Sequence[str] = ()) -> None:

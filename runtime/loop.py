@@ -12,7 +12,8 @@ import torch
 
 from runtime import distributed
 from runtime.checkpoint import CheckpointStore, decide_resume
-from runtime.config import ConfigError, config_to_dict, name_flags, parse_cli, write_run_metadata
+from runtime.cli import name_flags, parse_cli
+from runtime.config import ConfigError, config_to_dict, write_run_metadata
 from runtime.guard import StepGuard, StopRequest
 from runtime.launcher_watch import exit_with_launcher
 from runtime.logs import setup_logging

@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
 
 import submitit  # noqa: E402
 
-from runtime.config import HelpFormatter  # noqa: E402
+from runtime.cli import HelpFormatter  # noqa: E402
 
 ENTRIES = {"pretrain": "pretrain.main", "finetune": "finetune.main"}
 

@@ -6,8 +6,8 @@ from typing import List, Literal, Optional
 import pytest
 import yaml
 
-from runtime.config import (ConfigError, OptimConfig, RunConfig, load_config, must_exist, parse_cli, scaled_lr,
-                            write_run_metadata)
+from runtime.cli import parse_cli
+from runtime.config import ConfigError, OptimConfig, RunConfig, load_config, must_exist, scaled_lr, write_run_metadata
 
 
 @dataclass
