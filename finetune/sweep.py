@@ -248,7 +248,8 @@ def plot_curves(path: Path, rows: List[Dict[str, Any]]) -> None:
             if r["curve"]:
                 ax.plot(*zip(*r["curve"]), marker="o", label=f"{r['trial'][-12:]} ({r['status']})")
         ax.set_title(dataset), ax.set_xlabel("epoch"), ax.set_ylabel("val metric")
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # (a dataset whose every trial failed has no curve)
+            ax.legend(fontsize=6)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
