@@ -25,6 +25,7 @@ from runtime.device import resolve_device, with_loader_workers
 from runtime.loop import prepare_run
 from runtime.metric_logger import MetricLogger
 from runtime.precision import autocast, resolve_precision
+from runtime.run_dir import check_same_run
 from runtime.seeding import seed_everything
 
 log = logging.getLogger("finetune.linear_probe")
@@ -93,6 +94,7 @@ class LinearProbe:
         self.device = resolve_device(self.env, cfg.run.device, cfg.train.precision)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.run_dir = Path(cfg.run.output_dir)
+        check_same_run(self.run_dir, self.cfg, cfg.run.resume)  # e.g. a fine-tuning run's directory
         self.info = resolve_dataset(cfg.data.dataset, cfg.data.root, self.run_dir)
         seed_everything(cfg.run.seed)
         self.model, self.arch, self.source = create_encoder(cfg.encoder, len(self.info.classes))

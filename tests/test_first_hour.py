@@ -172,6 +172,10 @@ def test_06_a_run_directory_that_holds_another_run_is_refused_before_anything_is
     assert "--checkpoint (encoder.checkpoint): None there" in err and one_line(err)
     assert {name: (run / name).read_bytes() for name in before} == before
     assert yaml.safe_load(saved["config.yaml"])["encoder"]["from_scratch"] is True
+    # a linear probe into the fine-tuning run's directory: refused the same way
+    assert finetune_main(finetune_cli(data, run, "--from-scratch", "--linear-probe")) == 3
+    assert "--linear-probe (train.mode): 'finetune' there, 'linear_probe' now" in capfd.readouterr().err
+    assert {name: (run / name).read_bytes() for name in before} == before
     # pretraining with another model into a finished run's directory: refused the same way
     pre = tmp_path / "pre"
     assert pretrain_main(pretrain_cli(data["pattern"], pre)) == 0
