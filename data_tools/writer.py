@@ -167,9 +167,10 @@ def run_shard_tasks(tasks: Sequence[ShardTask], make_sample: SampleMaker, worker
     skipped = len(tasks) - len(todo)
     if skipped:
         log.info("%s: %d of %d shards already complete, skipped", desc, skipped, len(tasks))
-    changed = [t for t in todo if written_options(t) and written_options(t) != t.options]
+    changed = [(t, old) for t, old in ((t, written_options(t)) for t in todo) if old and old != t.options]
     if changed:
-        old, new = written_options(changed[0]), changed[0].options
+        task, old = changed[0]
+        new = task.options
         diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v)
         log.info("%s: %d shard(s) were written with other image options (%s): rewriting them", desc, len(changed),
                  diff)

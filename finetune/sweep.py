@@ -58,21 +58,21 @@ class SweepConfig:
 PATH_KEYS = ("encoder.checkpoint", "data.root")
 
 
-def absolute_override(override: str, cwd: Path) -> str:
-    key, _, value = override.partition("=")
-    if key.strip() in PATH_KEYS and value and value.lower() not in ("null", "none", "~") \
-            and not Path(value).is_absolute() and "://" not in value:
-        return f"{key}={cwd / value}"
-    return override
+def absolute_value(key: str, value: Any, cwd: Path) -> Any:
+    """A relative path given for one of PATH_KEYS, joined to `cwd`; any other value as it is."""
+    if key in PATH_KEYS and isinstance(value, str) and value and value.lower() not in ("null", "none", "~") \
+            and "://" not in value and not Path(value).is_absolute():
+        return str(cwd / value)
+    return value
 
 
 def with_absolute_paths(cfg: SweepConfig, cwd: Path) -> SweepConfig:
     """base_overrides and searched values of path keys made absolute against `cwd` (the caller's directory)."""
-    space = {key: {kind: [str(cwd / v) if key in PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute()
-                          else v for v in values] for kind, values in spec.items()}
+    overrides = [f"{key}={absolute_value(key.strip(), value, cwd)}" if sep else key
+                 for key, sep, value in (o.partition("=") for o in cfg.base_overrides)]
+    space = {key: {kind: [absolute_value(key, v, cwd) for v in values] for kind, values in spec.items()}
              for key, spec in cfg.search_space.items()}
-    return dataclasses.replace(cfg, base_overrides=[absolute_override(o, cwd) for o in cfg.base_overrides],
-                               search_space=space)
+    return dataclasses.replace(cfg, base_overrides=overrides, search_space=space)
 
 
 def check_space(cfg: SweepConfig) -> None:

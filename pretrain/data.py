@@ -1,5 +1,7 @@
 """Pretraining batches from shards: scene view, person-crop view, text tokens or cached teacher embeddings."""
 import functools
+import glob
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -83,8 +85,6 @@ def count_samples(patterns: Sequence[str], timeout_s: float = URL_TIMEOUT_S) -> 
 
 def brace_form(pattern: str) -> str:
     """For a directory or a glob given as data.train: the brace pattern of the shards it holds, as a hint."""
-    import glob
-    import re
     found = sorted(glob.glob(str(Path(pattern) / "*.tar")) if Path(pattern).is_dir() else glob.glob(pattern))
     numbers = [m.group(1) for m in (re.fullmatch(r"(\d+)\.tar", Path(p).name) for p in found) if m]
     if not found:

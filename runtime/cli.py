@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, T
 from runtime.config import MISSING, ConfigError, load_config
 
 T = TypeVar("T")
+Shortcuts = Callable[[argparse.Namespace], List[str]]  # parsed flags -> the overrides they stand for
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -71,7 +72,7 @@ def check_repeated(overrides: Sequence[str]) -> None:
 
 
 def shortcut_flags(parser: argparse.ArgumentParser,
-                   flags: Dict[str, str]) -> Callable[[argparse.Namespace], List[str]]:
+                   flags: Dict[str, str]) -> Shortcuts:
     """Flags that stand for config keys, declared on `parser`: {'--data': 'data.root'} takes a value,
     {'--from-scratch': 'encoder.from_scratch=true'} is a switch. Returns shortcuts(args) -> overrides, for
     parse_cli; errors about those keys name the flag as typed."""
@@ -111,8 +112,7 @@ def name_flags(message: str, typed_as: Dict[str, str]) -> str:
 
 def parse_cli(schema: Type[T], argv: Optional[Sequence[str]] = None, description: str = "",
               parser: Optional[argparse.ArgumentParser] = None,
-              shortcuts: Optional[Callable[[argparse.Namespace], List[str]]] = None,
-              ) -> Tuple[T, argparse.Namespace]:
+              shortcuts: Optional[Shortcuts] = None) -> Tuple[T, argparse.Namespace]:
     """`--config FILE key=value ...` into a typed config; extra flags may be declared on `parser` by the caller,
     and `shortcuts(args)` turns them into overrides. `--help` lists every key with its default; argparse exits
     0 after it and 2 on a usage error (SystemExit)."""

@@ -46,8 +46,8 @@ def bounded(default: Any = MISSING, low: Optional[float] = None, high: Optional[
     metadata = {"range": (low, high, open_low, open_high)}
     if default is MISSING:
         return field(metadata=metadata, **kwargs)
-    if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: default, metadata=metadata, **kwargs)
+    if isinstance(default, (list, tuple)):  # each config gets its own copy (a list is mutable)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
 
 

@@ -6,13 +6,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 from runtime import distributed
 from runtime.checkpoint import CheckpointStore, decide_resume
-from runtime.cli import name_flags, parse_cli
+from runtime.cli import Shortcuts, name_flags, parse_cli
 from runtime.config import ConfigError, config_to_dict, write_run_metadata
 from runtime.guard import StepGuard, StopRequest
 from runtime.launcher_watch import exit_with_launcher
@@ -44,9 +44,6 @@ def run_as_script(main: Callable[[], int], what: str) -> None:
         logging.shutdown()
         os._exit(1)
     raise SystemExit(status)
-
-
-Shortcuts = Callable[[argparse.Namespace], List[str]]
 
 
 def run_job(schema: type, argv: Optional[Sequence[str]], description: str, log: logging.Logger,

@@ -132,3 +132,10 @@ def test_brace_patterns_in_list_overrides(tmp_path):
     assert cfg.data.train == ["shards/{00000..00009}.tar"]
     with pytest.raises(ConfigError, match=r"key 'data.batch_size': cannot read '\{1: \[' as a value"):
         load_config(Schema, write(tmp_path, BASE), ["data.batch_size={1: ["])
+
+
+def test_a_bounded_list_default_is_each_configs_own():
+    from finetune.config import FinetuneTrainConfig
+    a, b = FinetuneTrainConfig(), FinetuneTrainConfig()
+    a.probe_lrs.append(1.0)
+    assert b.probe_lrs == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1] and a.probe_lrs is not b.probe_lrs
