@@ -39,8 +39,7 @@ def run_pretraining(preset: str, shards: Path, out: Path, workers: int, threads:
            "--config", config, f"data.train=[{shards}/train/{{00000..00007}}.tar]", f"run.output_dir={out}",
            f"data.batch_size={batch}", f"data.num_workers={workers}", f"data.samples_per_epoch={batch * steps}",
            "data.shuffle_buffer=200", "train.epochs=1", "train.image_every=0", f"run.log_every={log_every}",
-           f"run.ckpt_every={steps * 10}", "teacher.checkpoint=random", "teacher.cached=false",
-           "optim.warmup_epochs=0"]
+           f"run.ckpt_every={steps * 10}", "teacher.checkpoint=random", "optim.warmup_epochs=0"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

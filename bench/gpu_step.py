@@ -1,16 +1,17 @@
 """The pretraining step of the shipped recipes on a CUDA GPU: img/s, MFU and peak memory, compile off and on.
 
     python bench/gpu_step.py [--recipes configs/pretrain/vit_b16.yaml ...] [--batch N] [--steps 20] [--compile]
-        [--out bench/results/gpu_step.json]
+        [--teacher cached|live] [--out bench/results/gpu_step.json]
     python bench/gpu_step.py --cpu-check --recipes configs/pretrain/tiny.yaml    # the same code on the CPU
 
 Each recipe is read from its YAML (model section, batch per GPU, precision): UniEmoXPretrainer with both branches
-and both distillation losses, the teacher cached as the recipe says (random embeddings of the teacher's width) or
-live (a random-weight open_clip teacher of the recipe's architecture), the trainers' strategy step (fused AdamW,
-the non-finite skip on the device), autocast at the recipe's precision (auto: bf16 on GPUs >= 8.0), and with
---compile also per-block torch.compile (train.compile). FLOPs per image are counted once under the trainers' rule
-(runtime/flops.py); MFU = FLOPs/img x img/s / the device's dense bf16 peak (runtime/flops.py's table, or
---peak-tflops). Steps are timed between two device synchronisations, after warm-up (and compilation).
+and both distillation losses, the teacher cached as the GPU recipes run it with teacher.cache (random embeddings
+of the teacher's width) or, with --teacher live, live (a random-weight teacher of the recipe's architecture run in
+the step before the student), the trainers' strategy step (fused AdamW, the non-finite skip on the device),
+autocast at the recipe's precision (auto: bf16 on GPUs >= 8.0), and with --compile also per-block torch.compile
+(train.compile). FLOPs per image are counted once under the trainers' rule (runtime/flops.py); MFU = FLOPs/img x
+img/s / the device's dense bf16 peak (runtime/flops.py's table, or --peak-tflops). Steps are timed between two
+device synchronisations, after warm-up (and compilation).
 """
 import argparse
 import json
@@ -46,24 +47,22 @@ def build(recipe: str, device, batch_override=None):
     batch = batch_override or int((cfg.get("data") or {}).get("batch_size", 64))
     torch.manual_seed(0)
     teacher = make_teacher(teacher_cfg)
-    model = UniEmoXPretrainer(model_cfg, loss_cfg, teacher_cfg, None if teacher_cfg.cached else teacher)
+    model = UniEmoXPretrainer(model_cfg, loss_cfg, teacher.embed_dim)
     model.to(device)
     teacher.to(device)
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], OptimConfig(lr=1e-4))
     side, person = model.mae.arch.img_size, model.person_img_size
     data = {"image": torch.randn(batch, 3, side, side, device=device),
-            "person": torch.randn(batch, 3, person, person, device=device)}
-    if teacher_cfg.cached:
-        data["clip_image"] = F.normalize(torch.randn(batch, teacher.embed_dim, device=device), dim=-1)
-        data["clip_text"] = F.normalize(torch.randn(batch, teacher.embed_dim, device=device), dim=-1)
-    else:
-        data["text"] = teacher.tokenize(["The overall emotion conveyed is awe."] * batch).to(device)
+            "person": torch.randn(batch, 3, person, person, device=device),
+            "text": teacher.tokenize(["The overall emotion conveyed is awe."] * batch).to(device),
+            "clip_image": F.normalize(torch.randn(batch, teacher.embed_dim, device=device), dim=-1),
+            "clip_text": F.normalize(torch.randn(batch, teacher.embed_dim, device=device), dim=-1)}
     precision = (cfg.get("train") or {}).get("precision", "auto")
-    return model, teacher, teacher_cfg.cached, optimizer, data, batch, precision
+    return model, teacher, optimizer, data, batch, precision
 
 
 def measure(recipe: str, steps: int, compile_model: bool, peak, device_name: str = "cuda", batch_override=None,
-            warmup: int = 3) -> dict:
+            warmup: int = 3, cached: bool = True) -> dict:
     import torch
     from runtime.device import compile_blocks, configure_cuda
     from runtime.flops import training_step_flops
@@ -73,9 +72,13 @@ def measure(recipe: str, steps: int, compile_model: bool, peak, device_name: str
     device = torch.device(device_name)
     configure_cuda(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    model, teacher, cached, optimizer, data, batch, precision = build(recipe, device, batch_override)
+    model, teacher, optimizer, data, batch, precision = build(recipe, device, batch_override)
     precision = resolve_precision(precision, device)
-    frozen = None if cached else (lambda: (teacher.encode_image(data["image"]), teacher.encode_text(data["text"])))
+
+    def embed_batch():  # a live teacher's step: its embeddings replace the batch's, then the student runs
+        with torch.no_grad():
+            data.update(clip_image=teacher.encode_image(data["image"]), clip_text=teacher.encode_text(data["text"]))
+    frozen = None if cached else embed_batch
     flops_per_img = training_step_flops(lambda: model(data), frozen, lambda: autocast(precision, device)) / batch
     if compile_model:
         compile_blocks(model.mae.blocks, model.mae.decoder_blocks)
@@ -84,6 +87,8 @@ def measure(recipe: str, steps: int, compile_model: bool, peak, device_name: str
 
     def step():
         with autocast(precision, device):
+            if not cached:
+                embed_batch()
             loss = strategy.model(data).loss
         strategy.backward(loss)
         strategy.step(no_skip)
@@ -117,6 +122,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also run each recipe under per-block torch.compile")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if unknown")
+    parser.add_argument("--teacher", default="cached", choices=["cached", "live"],
+                        help="cached: random embeddings in the batch (the GPU recipes' teacher.cache); live: the "
+                             "teacher runs in every step")
     parser.add_argument("--out", default="bench/results/gpu_step.json")
     parser.add_argument("--cpu-check", action="store_true", help="run the same code on the CPU (a check, not a figure)")
     args = parser.parse_args()
@@ -124,7 +132,8 @@ def main() -> None:
     from runtime.flops import device_peak_tflops
     if args.cpu_check:
         for compiled in ([False, True] if args.compile else [False]):
-            print(json.dumps(measure(args.recipes[0], args.steps, compiled, None, "cpu", args.batch, warmup=1)))
+            print(json.dumps(measure(args.recipes[0], args.steps, compiled, None, "cpu", args.batch, warmup=1,
+                                     cached=args.teacher == "cached")))
         return
     if not torch.cuda.is_available():
         print("no CUDA device: skipped (this benchmark measures the GPU step; the CPU figures are in "
@@ -134,7 +143,8 @@ def main() -> None:
     rows = []
     for recipe in args.recipes:
         for compiled in ([False, True] if args.compile else [False]):
-            rows.append(measure(recipe, args.steps, compiled, peak, batch_override=args.batch))
+            rows.append(measure(recipe, args.steps, compiled, peak, batch_override=args.batch,
+                                cached=args.teacher == "cached"))
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache()
     result = {"bench": "gpu_step", "rows": rows, "torch": torch.__version__, "command": " ".join(sys.argv)}

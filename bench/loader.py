@@ -34,7 +34,7 @@ from data_tools.folder import shard_folder  # noqa: E402
 from data_tools.reader import make_loader  # noqa: E402
 from data_tools.samples import ImageOptions  # noqa: E402
 from pretrain.data import normalize_views  # noqa: E402
-from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from data_tools.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from runtime.atomic import atomic_write_json  # noqa: E402
 
 TRANSFORM = transforms.Compose([

@@ -31,14 +31,15 @@ def activations_per_image(preset: str, mask_ratio: float, person: int, norm_pix:
     import torch.nn.functional as F
     from pretrain.config import LossConfig, ModelConfig, TeacherConfig
     from pretrain.model import UniEmoXPretrainer
+    from pretrain.teacher import teacher_embed_dim
     torch.manual_seed(0)
+    dim = teacher_embed_dim(TeacherConfig(checkpoint="random", arch="ViT-B-16"))
     model = UniEmoXPretrainer(ModelConfig(preset=preset, mask_ratio=mask_ratio, person_img_size=person,
-                                          norm_pix_loss=norm_pix), LossConfig(),
-                              TeacherConfig(checkpoint="random", arch="ViT-B-16", cached=True))
+                                          norm_pix_loss=norm_pix), LossConfig(), dim)
     n, side = 2, model.mae.arch.img_size
     batch = {"image": torch.randn(n, 3, side, side), "person": torch.randn(n, 3, person, person),
-             "clip_image": F.normalize(torch.randn(n, 512), dim=-1),
-             "clip_text": F.normalize(torch.randn(n, 512), dim=-1)}
+             "clip_image": F.normalize(torch.randn(n, dim), dim=-1),
+             "clip_text": F.normalize(torch.randn(n, dim), dim=-1)}
     storages = {}
 
     def keep(t):

@@ -40,12 +40,13 @@ STRATEGIES = {"ddp": ("ddp", None), "zero1": ("deepspeed", "configs/deepspeed/ze
 
 def worker(spec: dict, out: str) -> None:
     import torch
-    from pretrain.config import LossConfig, ModelConfig, TeacherConfig
+    from pretrain.config import LossConfig, ModelConfig
     from pretrain.model import UniEmoXPretrainer
     from pretrain.teacher import CLIPTeacher
     from runtime import distributed
     from runtime.precision import autocast, resolve_precision
-    from runtime.strategy import init_distributed_for, make_strategy
+    from runtime.entry import init_distributed_for
+    from runtime.strategy import make_strategy
 
     name, ds_config = STRATEGIES[spec["strategy"]]
     env = init_distributed_for(name)
@@ -55,8 +56,7 @@ def worker(spec: dict, out: str) -> None:
     batch, cached = spec["batch"], spec["cached"]
     torch.manual_seed(0)
     teacher = CLIPTeacher(arch, "random").to(device)
-    tcfg = TeacherConfig(checkpoint="random", arch=arch, cached=cached)
-    model = UniEmoXPretrainer(ModelConfig(preset=spec["preset"]), LossConfig(), tcfg, None if cached else teacher)
+    model = UniEmoXPretrainer(ModelConfig(preset=spec["preset"]), LossConfig(), teacher.embed_dim)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
     strategy = make_strategy(name, model, optim, device, deepspeed_config=ds_config and str(REPO / ds_config),
                              batch_per_rank=batch, precision=precision)
@@ -73,6 +73,10 @@ def worker(spec: dict, out: str) -> None:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with autocast(precision, device):
+            if not cached:  # the teacher's embeddings first, then the student
+                with torch.no_grad():
+                    batch_data.update(clip_image=teacher.encode_image(batch_data["image"]),
+                                      clip_text=teacher.encode_text(batch_data["text"]))
             step_out = strategy.model(batch_data)
         strategy.backward(step_out.loss)
         strategy.step()

@@ -5,6 +5,9 @@ from typing import Optional, Tuple
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# what every model here reads (the student, fine-tuning, exports): a teacher converts to its own normalisation
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 60_000_000   # above this an image is refused before decoding (decompression bombs)
 
 

@@ -26,8 +26,7 @@ from runtime.checkpoint import CheckpointError  # noqa: E402
 from runtime.cli import shortcut_flags  # noqa: E402
 from runtime.device import DeviceError  # noqa: E402
 from runtime.guard import NonFiniteLossError, StopRequest  # noqa: E402
-from runtime.loop import run_job  # noqa: E402
-from runtime.strategy import init_distributed_for  # noqa: E402
+from runtime.entry import init_distributed_for, run_job  # noqa: E402
 
 log = logging.getLogger("finetune.adapt_teacher")
 
@@ -49,5 +48,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              DeviceError), parser=parser, shortcuts=shortcuts)
 
 if __name__ == "__main__":
-    from runtime.loop import run_as_script
+    from runtime.entry import run_as_script
     run_as_script(main, "teacher adaptation")

@@ -3,7 +3,7 @@ the teacher-adaptation job's."""
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Tuple, Union
 
-from runtime.config import DebugConfig, OptimConfig, RunConfig, bounded
+from runtime.config import ConfigError, DebugConfig, OptimConfig, RunConfig, bounded
 
 
 @dataclass
@@ -13,6 +13,13 @@ class EncoderConfig:
     preset: str = "vit_b16"            # architecture when it cannot be read from the checkpoint (MAE .pth, scratch)
     img_size: Optional[int] = None     # default: the encoder's pretraining size; position embeddings interpolate
     drop_path: float = bounded(0.2, 0, 1, open_high=True)
+
+    def validate(self) -> None:
+        """Checked when the config is built, and by create_encoder."""
+        if self.from_scratch == bool(self.checkpoint):
+            raise ConfigError("give exactly one of encoder.checkpoint=PATH and encoder.from_scratch=true (now "
+                              f"encoder.checkpoint={self.checkpoint}, "
+                              f"encoder.from_scratch={str(self.from_scratch).lower()})")
 
 
 @dataclass
@@ -45,6 +52,7 @@ class FinetuneTrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # see pretrain.config
     max_nonfinite: int = bounded(3, 1)
     compile: bool = False               # torch.compile each transformer block
+    ema_decay: Optional[float] = bounded(None, 0, 1, open_high=True)  # EMA of the weights: evaluated, kept, tested
     probe_lrs: List[float] = bounded([1e-3, 3e-3, 1e-2, 3e-2, 1e-1], 0, open_low=True)
     probe_epochs: int = bounded(90, 1)
 
@@ -64,6 +72,12 @@ class FinetuneConfig(LabelledJobConfig):
                                                                    warmup_epochs=5, min_lr=1e-6))
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def validate(self) -> None:
+        """The rules between keys, checked when the config is built."""
+        if self.train.mode == "linear_probe" and self.train.ema_decay is not None:
+            raise ConfigError("train.ema_decay has no meaning for train.mode=linear_probe (the encoder is frozen): "
+                              "unset train.ema_decay")
 
 
 @dataclass
@@ -92,3 +106,11 @@ class AdaptConfig(LabelledJobConfig):
                                                                    warmup_epochs=1, min_lr=0.0))
     train: AdaptTrainConfig = field(default_factory=AdaptTrainConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def validate(self) -> None:
+        """The rules between keys, checked when the config is built."""
+        used = [f"aug.{k}={v}" for k, v in (("mixup", self.aug.mixup), ("cutmix", self.aug.cutmix),
+                                            ("smoothing", self.aug.smoothing)) if v]
+        if used:
+            raise ConfigError(f"{', '.join(used)}: Mixup, CutMix and label smoothing have no meaning for "
+                              f"contrastive adaptation (image/prompt pairs): set them to 0")

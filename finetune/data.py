@@ -15,7 +15,7 @@ from data_tools.reader import SharedEpoch, make_loader
 from data_tools.registry import (MULTI_LABEL, REGISTRY, REGRESSION, SINGLE_LABEL, TASKS, Task, UnknownDatasetError,
                                  get_dataset)
 from data_tools.samples import ImageOptions
-from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
+from data_tools.images import IMAGENET_MEAN, IMAGENET_STD
 from runtime import distributed
 
 log = logging.getLogger(__name__)

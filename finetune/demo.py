@@ -111,7 +111,7 @@ class Demo:
                     out / "logreg_pixels")
         self.python("teacher cache", "-m", "pretrain.cache_teacher", "--shards", train, "--teacher-config",
                     PRETRAIN_CONFIG, "--out", out / "teacher_cache")
-        pretrain = ["--config", PRETRAIN_CONFIG, f"data.train=[{train}]", f"data.teacher_cache={out / 'teacher_cache'}",
+        pretrain = ["--config", PRETRAIN_CONFIG, f"data.train=[{train}]", f"teacher.cache={out / 'teacher_cache'}",
                     *pretrain_overrides]
         self.torchrun("pretrain mae_only", "pretrain/main.py", *pretrain, f"run.output_dir={out / 'pretrain_mae_only'}",
                       "loss.paired=0", "loss.relational=0")

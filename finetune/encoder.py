@@ -130,8 +130,7 @@ def load_encoder(model: VisionTransformer, state: Dict[str, torch.Tensor], sourc
 
 def create_encoder(cfg, num_outputs: int) -> Tuple[VisionTransformer, MAEArch, str]:
     """The model the config asks for: (model, architecture, where its weights came from)."""
-    if cfg.from_scratch == bool(cfg.checkpoint):
-        raise ValueError("give exactly one of encoder.checkpoint=PATH and encoder.from_scratch=true")
+    cfg.validate()  # exactly one of encoder.checkpoint and encoder.from_scratch
     if cfg.from_scratch:
         arch = get_arch(cfg.preset)
         return build_vit(arch, num_outputs, cfg.img_size, cfg.drop_path), arch, "scratch"

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from finetune.encoder import arch_from_metadata, read_encoder_source, to_timm_keys
 from pretrain.mae import MAEArch, arch_metadata
-from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
+from data_tools.images import IMAGENET_MEAN, IMAGENET_STD
 from runtime.atomic import atomic_save_safetensors
 from runtime.checkpoint import CheckpointError
 from runtime.cli import HelpFormatter, with_one_line_errors

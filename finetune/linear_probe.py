@@ -22,10 +22,9 @@ from runtime.atomic import atomic_save_safetensors, atomic_write_json
 from runtime.checkpoint import CheckpointStore
 from runtime.config import config_to_yaml
 from runtime.device import resolve_device, with_loader_workers
-from runtime.loop import prepare_run
 from runtime.metric_logger import MetricLogger
 from runtime.precision import autocast, resolve_precision
-from runtime.run_dir import check_same_run
+from runtime.run_dir import check_same_run, record_run
 from runtime.seeding import seed_everything
 
 log = logging.getLogger("finetune.linear_probe")
@@ -102,7 +101,7 @@ class LinearProbe:
 
     def run(self) -> Dict[str, Any]:
         cfg, info = self.cfg, self.info
-        prepare_run(self.run_dir, CheckpointStore(self.run_dir / "checkpoints"), cfg, self.env, dataset=info.name,
+        record_run(self.run_dir, CheckpointStore(self.run_dir / "checkpoints"), cfg, self.env, dataset=info.name,
                     task=info.task, encoder_source=self.source, mode="linear_probe")
         _, eval_tf = make_transforms(self.model.patch_embed.img_size[0], cfg.aug)
         transform = LabelledTransform(eval_tf, info.task, len(info.classes))

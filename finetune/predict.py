@@ -106,7 +106,7 @@ class Predictor:
 class ZeroShotPredictor:
     def __init__(self, checkpoint: str, labels_file: str, teacher, templates: Sequence[str]):
         from finetune.zeroshot import ZeroShotEncoder, label_embeddings, read_labels
-        from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
+        from data_tools.images import IMAGENET_MEAN, IMAGENET_STD
         self.classes = read_labels(labels_file)
         self.task = SINGLE_LABEL
         self.encoder = ZeroShotEncoder(checkpoint)

@@ -11,25 +11,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from data_tools.reader import SharedEpoch
 from data_tools.registry import REGRESSION, SINGLE_LABEL
 from data_tools.text import label_text
-from finetune.config import AdaptConfig
-from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
-from finetune.engine import Finetuning, predict_split
+from finetune.data import LabelledTransform, make_transforms
+from finetune.labelled_job import LabelledJob, predict_split
 from finetune.metrics import compute_metrics
 from finetune.zeroshot import label_embeddings, resolve_templates
 from pretrain.cache_teacher import center_view
 from pretrain.teacher import CLIPTeacher
 from runtime import distributed
-from runtime.atomic import atomic_save_safetensors, atomic_write_json
-from runtime.checkpoint import CheckpointStore
-from runtime.config import with_scaled_lr
-from runtime.guard import StopRequest
-from runtime.optim import adamw
-from runtime.seeding import seed_everything
-from runtime.strategy import DDPStrategy
-from runtime.training import TrainingJob, TrainState
+from runtime.atomic import atomic_save_safetensors
+from runtime.training import JobParts, TrainState
 
 log = logging.getLogger("finetune.adapt_teacher")
 TEACHER_FILE = "teacher.safetensors"
@@ -90,25 +82,18 @@ def class_counts(info, classes: List[str]) -> List[int]:
 
 
 
-class TeacherAdaptation(Finetuning):
-    """Finetuning's loop (resume, guarded steps, checkpoints, TensorBoard, per-epoch validation, best kept)
+class TeacherAdaptation(LabelledJob):
+    """The labelled jobs' loop (resume, guarded steps, checkpoints, TensorBoard, per-epoch validation, best kept)
     with an open_clip model, ClipLoss on image/prompt pairs and zero-shot evaluation."""
 
-    def __init__(self, cfg: AdaptConfig, env: distributed.DistEnv, stop: Optional[StopRequest] = None):
-        # Finetuning.__init__ builds a classifier, not wanted here: the skeleton's own set-up, then the teacher
-        TrainingJob.__init__(self, with_scaled_lr(cfg, cfg.data.batch_size, env.world_size), env, stop, cfg.debug,
-                            cfg.train.precision)
-        cfg, self.on_epoch = self.cfg, None
-        if cfg.aug.mixup or cfg.aug.cutmix or cfg.aug.smoothing:
-            raise ValueError("aug.mixup, aug.cutmix and aug.smoothing have no meaning for contrastive "
-                             "adaptation: set them to 0")
-        self.lr, self.max_nonfinite, self.batch_size = cfg.optim.lr, cfg.train.max_nonfinite, cfg.data.batch_size
-        self.info = resolve_dataset(cfg.data.dataset, cfg.data.root, self.run_dir)
-        if self.info.task == REGRESSION:
-            raise ValueError(f"{self.info.name} is a regression set: adaptation needs class labels")
+    name = "teacher adaptation"
+
+    def build(self) -> JobParts:
+        cfg, info = self.cfg, self.resolve_dataset()
+        if info.task == REGRESSION:
+            raise ValueError(f"{info.name} is a regression set: adaptation needs class labels")
         self.task, self.primary = SINGLE_LABEL, "top1"
         self.templates = list(resolve_templates(cfg.train.templates))
-        seed_everything(cfg.run.seed)
         self.teacher = CLIPTeacher(cfg.teacher.arch, cfg.teacher.checkpoint)
         model = self.teacher.model
         model.requires_grad_(True)
@@ -117,27 +102,18 @@ class TeacherAdaptation(Finetuning):
         if cfg.train.vision_unlocked_groups is not None:
             model.lock_image_tower(unlocked_groups=cfg.train.vision_unlocked_groups)
         self.source = f"open_clip {self.teacher.arch} from {cfg.teacher.checkpoint}"
-        self.steps_per_epoch = max(1, self.info.sizes["train"] // self.samples_per_step)
-        self.total_steps = cfg.train.epochs * self.steps_per_epoch
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in trainable)
-        decay = [p for p in trainable if p.ndim >= 2]  # no weight decay on gains, biases, logit_scale
-        rest = [p for p in trainable if p.ndim < 2]
-        optimizer = adamw([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                           {"params": rest, "weight_decay": 0.0}], cfg.optim)
-        self.strategy = DDPStrategy(model, optimizer, self.device, cfg.optim.accum_steps, cfg.optim.clip_grad,
-                                    self.precision)
-        self.teacher.to(self.device)
+        groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+                  {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # gains, biases, logit_scale
         self.loss = open_clip.ClipLoss(rank=self.env.rank, world_size=self.env.world_size)
         train_view = make_transforms(self.teacher.image_size, cfg.aug)[0]
-        balance = BalancedClasses(class_counts(self.info, self.info.classes)) if cfg.train.balanced else None
-        self.train_transform = PromptedTransform(train_view, len(self.info.classes), balance)
-        self.eval_transform = LabelledTransform(center_view(self.teacher.image_size), SINGLE_LABEL,
-                                                len(self.info.classes))
-        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every)
-        seed_everything(cfg.run.seed + 1000 * self.env.rank)
-        self.epoch = SharedEpoch()
+        balance = BalancedClasses(class_counts(info, info.classes)) if cfg.train.balanced else None
+        self.train_transform = PromptedTransform(train_view, len(info.classes), balance)
+        self.eval_transform = LabelledTransform(center_view(self.teacher.image_size), SINGLE_LABEL, len(info.classes))
         self.before: Dict[str, Any] = {}
+        return JobParts(model, groups, cfg.data.batch_size, info.sizes["train"], cfg.train.epochs,
+                        cfg.train.precision, max_nonfinite=cfg.train.max_nonfinite, frozen=(self.teacher,))
 
     def forward(self, model, batch):
         prompts = [random.choice(self.templates).format(label_text(self.info.classes[int(c)]))
@@ -152,8 +128,8 @@ class TeacherAdaptation(Finetuning):
         was_training = self.teacher.model.training
         self.teacher.model.eval()
         text = label_embeddings(self.teacher, self.info.classes, self.templates)
-        loader = eval_loader(self.info, split, self.eval_transform, self.cfg.data)
-        scores, targets, _ = predict_split(ZeroShotHead(self.teacher, text), loader, self.device, "fp32")
+        scores, targets, _ = predict_split(ZeroShotHead(self.teacher, text), self.eval_split(split), self.device,
+                                           "fp32")
         self.teacher.model.train(was_training)
         return compute_metrics(SINGLE_LABEL, scores, targets, self.info.classes)
 
@@ -175,21 +151,14 @@ class TeacherAdaptation(Finetuning):
                                      "arch": self.teacher.arch})
         distributed.barrier()
 
-    def finish(self, state: TrainState, logger, guard, start: int, stopped: bool) -> Dict[str, Any]:
-        if stopped:
-            return {"final_step": state.step, "stopped": True}
-        best = state.best
+    def load_best(self) -> None:
         self.teacher.model.load_state_dict(load_file(str(self.run_dir / TEACHER_FILE)))
-        test = self.evaluate("test")
-        logger.write_scalars(state.step, {"test/top1": test["top1"]})
-        result = {"dataset": self.info.name, "teacher": dataclasses.asdict(self.cfg.teacher),
-                  "teacher_file": str((self.run_dir / TEACHER_FILE).resolve()), "templates": self.templates,
-                  "final_step": state.step, "best_epoch": best["epoch"], "before": self.before,
-                  "after": {"val": best["val"], "test": test}, "history": state.history, "train": state.summary,
-                  "classes": self.info.classes, "world_size": self.env.world_size, "stopped": False}
-        if self.env.is_main:
-            atomic_write_json(self.run_dir / "metrics.json", result)
-            log.info("zero-shot top1: val %.4f -> %.4f, test %.4f -> %.4f; %s", self.before["val"]["top1"],
-                     best["val"]["top1"], self.before["test"]["top1"], test["top1"], self.run_dir / TEACHER_FILE)
-        return result
 
+    def results(self, state: TrainState, test: Dict[str, Any]) -> Dict[str, Any]:
+        return {"teacher": dataclasses.asdict(self.cfg.teacher),
+                "teacher_file": str((self.run_dir / TEACHER_FILE).resolve()), "templates": self.templates,
+                "before": self.before, "after": {"val": state.best["val"], "test": test}}
+
+    def write_results(self, state: TrainState, test: Dict[str, Any], logger) -> None:
+        log.info("zero-shot top1: val %.4f -> %.4f, test %.4f -> %.4f; %s", self.before["val"]["top1"],
+                 state.best["val"]["top1"], self.before["test"]["top1"], test["top1"], self.run_dir / TEACHER_FILE)

@@ -22,7 +22,7 @@ from data_tools.registry import SINGLE_LABEL
 from data_tools.text import label_text
 from pretrain.config import LossConfig, ModelConfig, TeacherConfig
 from pretrain.model import UniEmoXPretrainer
-from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
+from pretrain.teacher import NOT_THE_TEACHER, add_teacher_args, make_teacher, teacher_config_from_args, teacher_embed_dim
 from runtime.atomic import atomic_write_json
 from runtime.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from runtime.cli import HelpFormatter, with_one_line_errors
@@ -77,21 +77,19 @@ class ZeroShotEncoder(nn.Module):
                                   f"projection and fusion)")
         model_cfg = load_config(ModelConfig, None, [f"{k}={v}" for k, v in cfg["model"].items()
                                                      if v is not None and k not in ("mae_checkpoint", "init_from")])
-        teacher_cfg = config_from_dict(TeacherConfig, cfg["teacher"], ["cached=true"])  # its width, no weights
-        self.student = UniEmoXPretrainer(model_cfg, LossConfig(), teacher_cfg)
+        teacher_cfg = config_from_dict(TeacherConfig, {k: v for k, v in cfg["teacher"].items()
+                                                       if k not in NOT_THE_TEACHER})
+        self.student = UniEmoXPretrainer(model_cfg, LossConfig(), teacher_embed_dim(teacher_cfg))  # no weights
         load_model_state(self.student, state["model"])
         self.student.eval()
         self.img_size = self.student.mae.arch.img_size
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        mae = self.student.mae
         n = images.shape[0]
         both = torch.cat([images, images]) if self.student.uses_person else images
-        latent, _, _ = mae.forward_encoder(both, 0.0)
-        projected = self.student.project(latent[:, 0])
-        g = self.student.fusion(projected[:n], projected[n:] if self.student.uses_person else None)
-        return F.normalize(g.float(), dim=-1)
+        cls = self.student.mae.forward_encoder(both, 0.0)[0][:, 0]
+        return F.normalize(self.student.embed(cls[:n], cls[n:]).float(), dim=-1)
 
 
 @torch.no_grad()

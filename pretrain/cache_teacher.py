@@ -11,7 +11,7 @@ For each shard NNNNN.tar it writes out/NNNNN.tar holding `{key}.clip_image.npy` 
 shards. Under torchrun (or srun) rank r of n takes shards r, r+n, ...; loader workers read and decode them (each
 worker whole shards) while the teacher runs, on a GPU under bf16 autocast with copies in and out that do not wait
 for it. The image embedding is of a fixed centre view (shorter side resized to the teacher's input, centre crop);
-pretraining with `teacher.cached=true` uses it in place of the teacher's view of each augmented crop.
+pretraining with `teacher.cache=OUT` uses it in place of the teacher's view of each augmented crop.
 """
 import argparse
 import io
@@ -34,7 +34,8 @@ from data_tools.reader import expand_urls, leave_stop_signals_to_main
 from data_tools.tars import read_tar
 from data_tools.writer import atomic_tar
 from pretrain.data import check_shards, normalize_pixels
-from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD, add_teacher_args, make_teacher, teacher_config_from_args
+from data_tools.images import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
 from pretrain.teacher_error import TeacherCacheError
 from runtime import distributed
 from runtime.atomic import atomic_write_json
@@ -198,9 +199,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     return with_one_line_errors(body, (DeviceError,))
 
-def check_teacher_cache(cache_dir: Optional[str], teacher_cfg, sources: Sequence[Sequence[str]],
+def check_teacher_cache(cache_dir: str, teacher_cfg, sources: Sequence[Sequence[str]],
                         patterns: Sequence[str] = ()) -> None:
-    """Before a cached run builds anything: `data.teacher_cache` set, holding a finished sidecar for every shard of
+    """Before a cached run builds anything: `teacher.cache` holds a finished sidecar for every shard of
     `sources` (check_shards' result), made by the run's teacher (two teachers of one width fit the same slots, so
     another teacher's cache would feed wrong targets silently). Errors name the key and the command that makes
     the cache. Caches that recorded no teacher identity are let through."""
@@ -209,20 +210,17 @@ def check_teacher_cache(cache_dir: Optional[str], teacher_cfg, sources: Sequence
     teacher = [f"--teacher-{k} {v}" for k, v in (("backend", teacher_cfg.backend), ("arch", teacher_cfg.arch),
                                                  ("checkpoint", teacher_cfg.checkpoint)) if v]
     command = " ".join(["python -m pretrain.cache_teacher --shards", *(f"'{p}'" for p in patterns or shards),
-                        *teacher, "--out", cache_dir or "DIR"])
-    if not cache_dir:
-        raise TeacherCacheError(f"teacher.cached=true needs data.teacher_cache=DIR, the sidecar shards that "
-                                f"`{command}` writes (or teacher.cached=false to run the teacher in every step)")
+                        *teacher, "--out", cache_dir])
     missing = [u for u in shards if not is_done(Path(cache_dir), u)]
     if missing:
-        raise TeacherCacheError(f"data.teacher_cache={cache_dir} lacks the teacher's outputs for {len(missing)} of "
+        raise TeacherCacheError(f"teacher.cache={cache_dir} lacks the teacher's outputs for {len(missing)} of "
                                 f"{len(shards)} shards of data.train (e.g. {Path(missing[0]).name}): run `{command}` "
                                 f"(it resumes, skipping finished shards)")
     stats_file = Path(cache_dir) / f"{Path(shards[0]).stem}_stats.json"
     recorded = json.loads(stats_file.read_text()).get("teacher_identity")
     expected = teacher_identity(teacher_cfg)
     if recorded is not None and recorded != expected:
-        raise TeacherCacheError(f"data.teacher_cache={cache_dir} was made by the teacher {recorded}, but this run's "
+        raise TeacherCacheError(f"teacher.cache={cache_dir} was made by the teacher {recorded}, but this run's "
                                 f"teacher.* is {expected}: rebuild the cache with this teacher (`{command}` into a new "
                                 f"directory), or set teacher.* to the cache's")
 

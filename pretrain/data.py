@@ -11,7 +11,7 @@ from data_tools.crops import DraftResizedCrops, person_region
 from data_tools.reader import SharedEpoch, expand_urls, make_loader
 from data_tools.remote import URL_TIMEOUT_S, is_remote, read_sizes, shard_name
 from data_tools.shard_errors import ShardError, check_enough_shards
-from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
+from data_tools.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 class PretrainTransform:
@@ -123,11 +123,11 @@ def check_shards(patterns: Sequence[str], resampled: bool = True, workers: int =
 
 
 def build_loader(data, transform: PretrainTransform, sources: List[List[str]], *, batches: int, seed: int,
-                 epoch: SharedEpoch, rank: int, world_size: int):
+                 epoch: SharedEpoch, rank: int, world_size: int, teacher_cache: Optional[str] = None):
     """The run's one loader over `sources` (check_shards' result): persistent workers, each pass at the position
-    `epoch` holds."""
+    `epoch` holds; with `teacher_cache`, each sample brings its teacher outputs from there."""
     return make_loader(sources if len(sources) > 1 else sources[0], batch_size=data.batch_size, transform=transform,
                        num_workers=data.num_workers, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                        resampled=data.resampled, batches_per_epoch=batches if data.resampled else None,
                        weights=data.weights, shuffle_buffer=data.shuffle_buffer, drop_last=True, image_format="lazy",
-                       sidecar_dir=data.teacher_cache, url_timeout_s=data.url_timeout_s, persistent=True)
+                       sidecar_dir=teacher_cache, url_timeout_s=data.url_timeout_s, persistent=True)

@@ -8,38 +8,35 @@ from typing import Any, Dict, Optional
 import torch
 from timm.optim import param_groups_weight_decay
 
-from data_tools.reader import SharedEpoch, epoch_stream
 from pretrain.config import PretrainConfig
 from pretrain.cache_teacher import check_teacher_cache
 from pretrain.data import PretrainTransform, build_loader, check_shards, count_samples, normalize_views
 from pretrain.losses import loss_weights, needs_teacher
 from pretrain.mae import arch_metadata
 from pretrain.model import UniEmoXPretrainer
-from pretrain.teacher import make_teacher
+from pretrain.teacher import make_teacher, teacher_embed_dim
 from pretrain.visualize import reconstruction_grid
 from runtime import distributed
 from runtime.atomic import atomic_save_safetensors, atomic_write_json
-from runtime.checkpoint import CheckpointStore, load_checkpoint, load_model_state
-from runtime.config import with_scaled_lr
+from runtime.checkpoint import load_checkpoint, load_model_state
 from runtime.device import compile_blocks
 from runtime.flops import device_peak_tflops, training_step_flops
 from runtime.guard import StopRequest
 from runtime.metric_logger import MetricLogger
-from runtime.optim import adamw
 from runtime.precision import autocast
-from runtime.seeding import seed_everything
-from runtime.strategy import make_strategy
-from runtime.training import TrainingJob, TrainState
+from runtime.training import JobParts, TrainingJob, TrainState
 
 log = logging.getLogger("pretrain")
 NO_WEIGHT_DECAY = ("mae.cls_token", "mae.mask_token", "mae.pos_embed", "mae.decoder_pos_embed")
 EXIT_STOPPED = 0  # a run stopped by SIGTERM/SIGUSR1 after its checkpoint: the launcher requeues it
 
 
-def export_weights(model: UniEmoXPretrainer, path: Path, step: int) -> None:
-    """The student's weights as safetensors, with its architecture in the metadata (for fine-tuning)."""
+def export_weights(model: UniEmoXPretrainer, path: Path, step: int, ema_decay: Optional[float] = None) -> None:
+    """The student's weights (its EMA's with train.ema_decay) as safetensors, with its architecture in the
+    metadata (for fine-tuning)."""
     arch = model.mae.arch
-    metadata = {"format": "uniemox-pretrain", "step": str(step), **arch_metadata(arch)}
+    metadata = {"format": "uniemox-pretrain", "step": str(step), **arch_metadata(arch),
+                **({"ema_decay": str(ema_decay)} if ema_decay else {})}
     atomic_save_safetensors(model.state_dict(), path, metadata)
 
 
@@ -49,67 +46,65 @@ class Pretraining(TrainingJob):
     name = "pretraining"
 
     def __init__(self, cfg: PretrainConfig, env: distributed.DistEnv, stop: Optional[StopRequest] = None):
-        super().__init__(with_scaled_lr(cfg, cfg.data.batch_size, env.world_size), env, stop, cfg.debug,
-                         cfg.train.precision)
-        cfg = self.cfg
-        self.lr = cfg.optim.lr
-        self.max_nonfinite = cfg.train.max_nonfinite
-        self.batch_size = cfg.data.batch_size
-        # missing, empty or too few shards: an error naming them, once per run, before anything is built
-        self.sources = check_shards(cfg.data.train, cfg.data.resampled, cfg.data.num_workers, env.world_size)
-        distill = needs_teacher(loss_weights(cfg.loss))
-        if cfg.teacher.cached and distill:  # missing or partial: an error before the model is built
-            check_teacher_cache(cfg.data.teacher_cache, cfg.teacher, self.sources, cfg.data.train)
-        samples = cfg.data.samples_per_epoch or count_samples(cfg.data.train, cfg.data.url_timeout_s)
-        self.steps_per_epoch = max(1, samples // self.samples_per_step)
-        self.total_steps = max(1, int(round(cfg.train.epochs * self.steps_per_epoch)))
+        super().__init__(cfg, env, stop)
+        # DeepSpeed holds bf16 weights: the views it reads are cast (targets such as cached embeddings stay fp32)
+        self.view_dtype = torch.bfloat16 if self.cfg.train.strategy == "deepspeed" and self.precision == "bf16" \
+            else None
+        self.peak_tflops = device_peak_tflops(self.device, self.cfg.train.peak_tflops)
 
-        seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        teacher = make_teacher(cfg.teacher) if distill and not cfg.teacher.cached else None  # live mode only
-        self.teacher = teacher
-        self.model = UniEmoXPretrainer(cfg.model, cfg.loss, cfg.teacher, teacher)
+    def build(self) -> JobParts:
+        cfg = self.cfg
+        # missing, empty or too few shards: an error naming them, once per run, before anything is built
+        self.sources = check_shards(cfg.data.train, cfg.data.resampled, cfg.data.num_workers, self.env.world_size)
+        distill = needs_teacher(loss_weights(cfg.loss))
+        self.cache = cfg.teacher.cache if distill else None
+        if self.cache is not None:  # missing or partial: an error before the model is built
+            check_teacher_cache(self.cache, cfg.teacher, self.sources, cfg.data.train)
+        samples = cfg.data.samples_per_epoch or count_samples(cfg.data.train, cfg.data.url_timeout_s)
+        # a live teacher is data too: its embeddings are made in the batch preparation (see prepare)
+        self.teacher = make_teacher(cfg.teacher) if distill and self.cache is None else None
+        self.model = UniEmoXPretrainer(cfg.model, cfg.loss, teacher_embed_dim(cfg.teacher))
         if cfg.model.init_from:
             load_model_state(self.model, load_checkpoint(cfg.model.init_from)["model"])
-        if teacher is not None:
-            teacher.to(self.device)
         if cfg.train.compile:
             compile_blocks(self.model.mae.blocks, self.model.mae.decoder_blocks)
-        groups = param_groups_weight_decay(self.model, cfg.optim.weight_decay, NO_WEIGHT_DECAY)
-        optimizer = adamw(groups, cfg.optim)
-        self.strategy = make_strategy(cfg.train.strategy, self.model, optimizer, self.device, cfg.optim.accum_steps,
-                                      cfg.optim.clip_grad, cfg.train.deepspeed_config, self.batch_size,
-                                      self.precision)
-        # DeepSpeed holds bf16 weights: the views it reads are cast (targets such as cached embeddings stay fp32)
-        self.view_dtype = torch.bfloat16 if cfg.train.strategy == "deepspeed" and self.precision == "bf16" else None
-        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every,
-                                     cfg.debug.save_sleep_s)
-        seed_everything(cfg.run.seed + 1000 * self.env.rank)  # different augmentations on each rank
         self.transform = PretrainTransform(
             self.model.mae.arch.img_size, cfg.data.crop_scale, self.model.uses_person,
-            teacher.tokenizer if teacher is not None else None, distill and cfg.teacher.cached,
+            self.teacher.tokenizer if self.teacher is not None else None, self.cache is not None,
             keep_key=cfg.debug.record_keys, person_img_size=self.model.person_img_size)
-        self.epoch = SharedEpoch()
-        self.peak_tflops = device_peak_tflops(self.device, cfg.train.peak_tflops)
         self.flops_per_sample: Optional[float] = None
         self.fixed: Dict[str, torch.Tensor] = {}  # the batch whose reconstructions TensorBoard shows
         self.keys_log = None
         self.dropped = 0
+        train = cfg.train
+        return JobParts(self.model, param_groups_weight_decay(self.model, cfg.optim.weight_decay, NO_WEIGHT_DECAY),
+                        cfg.data.batch_size, samples, train.epochs, train.precision, train.strategy,
+                        train.deepspeed_config, train.max_nonfinite, train.ema_decay,
+                        frozen=(self.teacher,) if self.teacher is not None else ())
 
-    def batches(self, start_step: int):
-        """Micro-batches from start_step on, epoch by epoch, from one loader; each rank gets the same number."""
-        loader = build_loader(self.cfg.data, self.transform, self.sources,
-                              batches=self.steps_per_epoch * self.cfg.optim.accum_steps, seed=self.cfg.run.seed,
-                              epoch=self.epoch, rank=self.env.rank, world_size=self.env.world_size)
+    def train_loader(self):
+        """One loader for the whole run; each rank gets the same number of batches per epoch."""
+        return build_loader(self.cfg.data, self.transform, self.sources,
+                            batches=self.steps_per_epoch * self.cfg.optim.accum_steps, seed=self.cfg.run.seed,
+                            epoch=self.epoch, rank=self.env.rank, world_size=self.env.world_size,
+                            teacher_cache=self.cache)
 
-        def no_batch(loader) -> str:
-            return (f"rank {self.env.rank}: a whole pass over its {loader.num_shards} shards of {self.cfg.data.train} "
-                    f"gave no batch of {self.cfg.data.batch_size} (unreadable shards or too few samples; the "
-                    f"warnings above name each shard that failed)")
-        return epoch_stream(loader, self.steps_per_epoch, self.cfg.optim.accum_steps, start_step, self.epoch,
-                            no_batch)
+    def no_batch(self, loader) -> str:
+        return (f"rank {self.env.rank}: a whole pass over its {loader.num_shards} shards of {self.cfg.data.train} "
+                f"gave no batch of {self.cfg.data.batch_size} (unreadable shards or too few samples; the "
+                f"warnings above name each shard that failed)")
 
     def prepare(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        return normalize_views(batch, self.view_dtype)
+        """uint8 views -> normalised floats; a live teacher's embeddings of the scene view and the text, under the
+        step's autocast and no grad (the same fields a teacher cache brings)."""
+        batch = normalize_views(batch, self.view_dtype)
+        if self.teacher is not None:
+            with torch.no_grad(), autocast(self.precision, self.device):
+                batch.update(self.teacher_embeddings(batch["image"], batch["text"]))
+        return batch
+
+    def teacher_embeddings(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"clip_image": self.teacher.encode_image(image), "clip_text": self.teacher.encode_text(text)}
 
     def forward(self, model, batch):
         if self.keys_log is not None:
@@ -120,18 +115,17 @@ class Pretraining(TrainingJob):
         return out.loss, out.terms, out
 
     def count_step_flops(self, batch: Dict[str, Any]) -> int:
-        """FLOPs of one step on this batch: the whole forward (a live teacher runs inside it) and the teacher alone,
-        counted under the step's autocast with one rule (runtime.flops), the teacher once, the rest three times."""
+        """FLOPs of one step on this batch: the student's forward (three times, with its backward) and a live
+        teacher's (once), counted under the step's autocast with one rule (runtime.flops)."""
         model = self.strategy.module
-        teacher = self.teacher if not self.cfg.teacher.cached and self.model.distill else None
 
-        def frozen():
-            teacher.encode_image(batch["image"]), teacher.encode_text(batch["text"])
+        def teacher():
+            self.teacher_embeddings(batch["image"], batch["text"])
         # the counting forward draws masks: on a forked RNG, so a resumed run draws what an uninterrupted one does;
         # compiled blocks run eagerly for it (the counter sees the eager ops)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
                 torch.compiler.set_stance("force_eager"):
-            return training_step_flops(lambda: model(batch), frozen if teacher is not None else None,
+            return training_step_flops(lambda: model(batch), teacher if self.teacher is not None else None,
                                        context=lambda: autocast(self.precision, self.device))
 
     def on_start(self, state: TrainState) -> None:
@@ -179,7 +173,8 @@ class Pretraining(TrainingJob):
         hosts = distributed.all_gather_object(socket.gethostname())
         dropped = int(distributed.all_reduce_sum(torch.tensor(float(self.dropped), device=self.device)).item())
         if self.env.is_main:
-            export_weights(self.strategy.module, self.run_dir / "weights.safetensors", state.step)
+            export_weights(self.eval_module, self.run_dir / "weights.safetensors", state.step,
+                           self.cfg.train.ema_decay)
             last = {name: s["last"] for name, s in state.summary.items()}
             if last:
                 last["step"] = int(last["step"])

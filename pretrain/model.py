@@ -6,11 +6,10 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from pretrain.config import LossConfig, ModelConfig, TeacherConfig
+from pretrain.config import LossConfig, ModelConfig
 from pretrain.fusion import make_fusion
 from pretrain.losses import combine, loss_weights, needs_teacher
 from pretrain.mae import DECODER_PREFIXES, MaskedAutoencoderViT, get_arch, load_mae_checkpoint
-from pretrain.teacher import teacher_embed_dim
 
 log = logging.getLogger(__name__)
 
@@ -24,22 +23,15 @@ class StepOutput:
 
 
 class UniEmoXPretrainer(nn.Module):
-    """Student (MAE encoder/decoder, projection, fusion) plus a frozen teacher it does not own.
+    """The student: MAE encoder/decoder, projection to the teacher's width, fusion. The teacher is data: the batch
+    brings its embeddings (`clip_image`, `clip_text`), from the teacher cache or computed in the batch preparation,
+    so the student knows only their width."""
 
-    The teacher is kept out of the module tree on purpose: it is not in `state_dict()`, `parameters()` or the
-    DDP wrapper, yet moves with `.to()`. With `teacher.cached`, the batch brings `clip_image`/`clip_text`
-    and no teacher is needed at all.
-    """
-
-    def __init__(self, model: ModelConfig, losses: LossConfig, teacher_cfg: TeacherConfig,
-                 teacher: Optional[nn.Module] = None):
+    def __init__(self, model: ModelConfig, losses: LossConfig, embed_dim: int):
         super().__init__()
         self.weights = loss_weights(losses)
         self.mask_ratio = model.mask_ratio
-        self.cached_teacher = teacher_cfg.cached
         self.distill = needs_teacher(self.weights)
-        if self.distill and not self.cached_teacher and teacher is None:
-            raise ValueError("distillation terms are on and teacher.cached is false: a teacher is needed")
         arch = get_arch(model.preset, img_size=model.img_size, patch_size=model.patch_size,
                         embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
                         decoder_embed_dim=model.decoder_embed_dim, decoder_depth=model.decoder_depth,
@@ -51,7 +43,7 @@ class UniEmoXPretrainer(nn.Module):
                              f"({arch.patch_size})")
         if model.mae_checkpoint:
             load_mae_checkpoint(self.mae, model.mae_checkpoint)
-        dim = teacher.embed_dim if teacher is not None else teacher_embed_dim(teacher_cfg)
+        dim = embed_dim
         self.projection = model.projection
         self.proj: Optional[nn.Module] = None
         if model.projection == "decoder_embed":
@@ -61,7 +53,6 @@ class UniEmoXPretrainer(nn.Module):
         else:
             self.proj = nn.Linear(arch.embed_dim, dim)
         self.fusion = make_fusion(model.fusion, dim, model.fusion_heads)
-        self.__dict__["teacher"] = teacher  # not a submodule: see the class docstring
         self._freeze_unused()
 
     def _freeze_unused(self) -> None:
@@ -76,24 +67,24 @@ class UniEmoXPretrainer(nn.Module):
             if self.proj is not None:
                 self.proj.requires_grad_(False)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.teacher is not None:
-            self.teacher._apply(fn, recurse)
-        return self
-
     def project(self, cls: torch.Tensor) -> torch.Tensor:
         """Encoder CLS -> teacher width: the decoder's input embedding (reference; official MAE weights load
         unchanged) or a separate linear layer (model.projection=linear)."""
         return self.mae.decoder_embed(cls) if self.proj is None else self.proj(cls)
+
+    def embed(self, scene_cls: torch.Tensor, person_cls: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The student's embedding (teacher width) from the encoder's scene and person CLS tokens: what training
+        distils, and what zero-shot scores (there of unmasked images)."""
+        scene = self.project(scene_cls)
+        return self.fusion(scene, self.project(person_cls) if self.uses_person else None)
 
     @property
     def uses_person(self) -> bool:
         return self.distill and getattr(self.fusion, "uses_person", True)
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> StepOutput:
-        """batch: image (N,3,H,W, ImageNet-normalised), person (N,3,P,P; P = model.person_img_size), and text
-        (token ids) or cached clip_image / clip_text (N,E); optional noise to reproduce the masking: (2N, L) for
+        """batch: image (N,3,H,W, ImageNet-normalised), person (N,3,P,P; P = model.person_img_size), the
+        teacher's clip_image / clip_text (N,E) when a distillation term is on; optional noise to reproduce the masking: (2N, L) for
         both branches at one size, else (N, L) for the scene and person_noise (N, Lp) for the person."""
         image = batch["image"]
         n = image.shape[0]
@@ -116,12 +107,7 @@ class UniEmoXPretrainer(nn.Module):
             pred = self.mae.forward_decoder(latent[:n], ids_restore[:n])
             outputs["reconstruction"] = self.mae.reconstruction_loss(image, pred, mask[:n])
         if self.distill:
-            scene = self.project(latent[:n, 0])
-            outputs["student"] = self.fusion(scene, self.project(person_cls) if self.uses_person else None)
-            if self.cached_teacher:
-                outputs["clip_image"], outputs["clip_text"] = batch["clip_image"], batch["clip_text"]
-            else:
-                outputs["clip_image"] = self.teacher.encode_image(image)
-                outputs["clip_text"] = self.teacher.encode_text(batch["text"])
+            outputs["student"] = self.embed(latent[:n, 0], person_cls)
+            outputs["clip_image"], outputs["clip_text"] = batch["clip_image"], batch["clip_text"]
         total, terms = combine(outputs, self.weights)
         return StepOutput(total, terms, pred, mask[:n])

@@ -2,21 +2,18 @@
 classifier + sentence-encoder backend; `make_teacher` builds either from the config's teacher section."""
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_tools.images import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.teacher_error import TeacherError
 
 log = logging.getLogger(__name__)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-DEFAULT_ARCH = {"open_clip": "ViT-B-16", "classifier": "mobilenet_v2"}
 
 
 def resolve_arch(arch: str) -> str:
@@ -123,42 +120,77 @@ def open_clip_flops(arch: str) -> Dict[str, int]:
     return {"image": image, "text": text_flops}
 
 
+@dataclass(frozen=True)
+class TeacherBackend:
+    """One way to build a frozen teacher from a TeacherConfig. Every teacher it builds offers embed_dim,
+    image_size, tokenize / tokenizer, encode_image (ImageNet-normalised images in), encode_text, logit_scale."""
+    default_arch: str
+    build: Callable[[Any], nn.Module]                # TeacherConfig -> the teacher (weights loaded)
+    embed_dim: Callable[[Any], int]                  # TeacherConfig -> its embedding width, no weights loaded
+    identity: Callable[[Any], Dict[str, Any]] = lambda cfg: {}  # keys beyond backend/arch/checkpoint
+
+
+def _open_clip_dim(cfg) -> int:
+    return int(open_clip.get_model_config(resolve_arch(teacher_arch(cfg)))["embed_dim"])
+
+
+def _classifier(cfg) -> nn.Module:
+    from pretrain.classifier_teacher import ClassifierTextTeacher
+    return ClassifierTextTeacher(teacher_arch(cfg), cfg.checkpoint, cfg.text_encoder, cfg.image_size,
+                                 cfg.temperature, cfg.checkpoint_sha256)
+
+
+def _classifier_dim(cfg) -> int:
+    from pretrain.classifier_teacher import text_embed_dim
+    return text_embed_dim(cfg.text_encoder)
+
+
+# teacher.backend -> how to build it (the registry the config, the pretrainer, the cache and zero-shot read)
+TEACHER_BACKENDS: Dict[str, TeacherBackend] = {
+    "open_clip": TeacherBackend("ViT-B-16", lambda cfg: CLIPTeacher(teacher_arch(cfg), cfg.checkpoint),
+                                _open_clip_dim),
+    "classifier": TeacherBackend("mobilenet_v2", _classifier, _classifier_dim,
+                                 lambda cfg: {"text_encoder": _canonical(cfg.text_encoder),
+                                              "image_size": cfg.image_size, "temperature": cfg.temperature}),
+}
+
+
+def teacher_backend(cfg) -> TeacherBackend:
+    if cfg.backend not in TEACHER_BACKENDS:
+        raise TeacherError(f"unknown teacher.backend {cfg.backend!r}; choose one of {', '.join(TEACHER_BACKENDS)}")
+    return TEACHER_BACKENDS[cfg.backend]
+
+
 def teacher_arch(cfg) -> str:
     """teacher.arch, or the backend's default model."""
-    return cfg.arch or DEFAULT_ARCH[cfg.backend]
+    return cfg.arch or teacher_backend(cfg).default_arch
+
+
+def _canonical(value: str) -> str:
+    return str(Path(value).resolve()) if value and Path(value).exists() else value
 
 
 def teacher_identity(cfg) -> Dict[str, Any]:
     """What makes a teacher's embeddings what they are, from its config alone (paths made absolute): recorded in a
     teacher cache, and compared with the run's teacher when the cache is used."""
-    def canonical(value: str) -> str:
-        return str(Path(value).resolve()) if value and Path(value).exists() else value
-    identity = {"backend": cfg.backend, "arch": canonical(teacher_arch(cfg)), "checkpoint": canonical(cfg.checkpoint)}
-    if cfg.backend == "classifier":
-        identity.update(text_encoder=canonical(cfg.text_encoder), image_size=cfg.image_size,
-                        temperature=cfg.temperature)
-    return identity
+    return {"backend": cfg.backend, "arch": _canonical(teacher_arch(cfg)), "checkpoint": _canonical(cfg.checkpoint),
+            **teacher_backend(cfg).identity(cfg)}
 
 
-def make_teacher(cfg) -> Union[CLIPTeacher, "ClassifierTextTeacher"]:  # noqa: F821
-    """The frozen teacher a TeacherConfig describes (both backends share one interface: embed_dim, image_size,
-    tokenize / tokenizer, encode_image, encode_text, logit_scale, identity)."""
-    if cfg.backend == "open_clip":
-        teacher = CLIPTeacher(teacher_arch(cfg), cfg.checkpoint)
-    else:
-        from pretrain.classifier_teacher import ClassifierTextTeacher
-        teacher = ClassifierTextTeacher(teacher_arch(cfg), cfg.checkpoint, cfg.text_encoder, cfg.image_size,
-                                        cfg.temperature, cfg.checkpoint_sha256)
+def make_teacher(cfg) -> nn.Module:
+    """The frozen teacher a TeacherConfig describes, with its identity attached."""
+    teacher = teacher_backend(cfg).build(cfg)
     teacher.identity = teacher_identity(cfg)
     return teacher
 
 
 def teacher_embed_dim(cfg) -> int:
     """The teacher's embedding width from its config alone (no weights loaded)."""
-    if cfg.backend == "open_clip":
-        return int(open_clip.get_model_config(resolve_arch(teacher_arch(cfg)))["embed_dim"])
-    from pretrain.classifier_teacher import text_embed_dim
-    return text_embed_dim(cfg.text_encoder)
+    return teacher_backend(cfg).embed_dim(cfg)
+
+
+# keys of a stored teacher section that say where its outputs are, not what it is (`cached`: older runs)
+NOT_THE_TEACHER = ("cache", "cached")
 
 
 def add_teacher_args(parser, checkpoint_help: str = "the teacher's weights file") -> None:
@@ -166,7 +198,8 @@ def add_teacher_args(parser, checkpoint_help: str = "the teacher's weights file"
     group = parser.add_argument_group("teacher (defaults: the run's teacher section, where there is a run)")
     group.add_argument("--teacher-config", help="a YAML file whose `teacher:` section describes the teacher "
                                                 "(e.g. the pretraining config)")
-    group.add_argument("--teacher-backend", choices=sorted(DEFAULT_ARCH), help="open_clip or classifier")
+    group.add_argument("--teacher-backend", choices=sorted(TEACHER_BACKENDS),
+                       help="a teacher backend (pretrain/teacher.py TEACHER_BACKENDS)")
     group.add_argument("--teacher-arch", help="open_clip model name / .json, or torchvision classifier name")
     group.add_argument("--teacher-checkpoint", help=checkpoint_help)
     group.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
@@ -179,7 +212,7 @@ def teacher_config_from_args(args, base: Optional[Dict[str, Any]] = None):
 
     from pretrain.config import TeacherConfig
     from runtime.config import config_from_dict
-    raw: Dict[str, Any] = {k: v for k, v in (base or {}).items() if k != "cached"}
+    raw: Dict[str, Any] = {k: v for k, v in (base or {}).items() if k not in NOT_THE_TEACHER}
     source = "the run's teacher section" if base else "defaults"
     if args.teacher_config:
         section = (yaml.safe_load(Path(args.teacher_config).read_text()) or {}).get("teacher")

@@ -3,7 +3,7 @@ import torch
 from torchvision.utils import make_grid
 
 from pretrain.mae import MaskedAutoencoderViT
-from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
+from data_tools.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 @torch.no_grad()

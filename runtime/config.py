@@ -255,6 +255,10 @@ def _build(schema: Type[T], raw: Dict[str, Any], source: str, prefix: str = "") 
     hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     unknown = sorted(set(raw) - set(fields))
+    renamed = getattr(schema, "RENAMED", {})
+    for name in unknown:
+        if name in renamed:
+            raise ConfigError(f"{source}: {renamed[name]}")
     if unknown:
         raise ConfigError(
             f"{source}: unknown key '{prefix}{unknown[0]}' (valid keys{' in ' + prefix[:-1] if prefix else ''}: "
@@ -263,7 +267,12 @@ def _build(schema: Type[T], raw: Dict[str, Any], source: str, prefix: str = "") 
     for name, f in fields.items():
         key = prefix + name
         if name in raw:
-            kwargs[name] = _coerce(raw[name], hints[name], key, source)
+            value = raw[name]
+            if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]) and f.default_factory is not MISSING:
+                # a section given in part keeps the rest of its schema default (e.g. AdaptConfig's aug section)
+                default = {k: v for k, v in dataclasses.asdict(f.default_factory()).items() if k not in value}
+                value = {**default, **value}
+            kwargs[name] = _coerce(value, hints[name], key, source)
         elif f.default is MISSING and f.default_factory is MISSING:
             if dataclasses.is_dataclass(hints[name]):  # a section left out: name its first required key
                 kwargs[name] = _build(hints[name], {}, source, prefix=key + ".")
@@ -274,7 +283,14 @@ def _build(schema: Type[T], raw: Dict[str, Any], source: str, prefix: str = "") 
         if f.metadata.get("must_exist") and kwargs.get(name) is not None:
             if not os.path.exists(kwargs[name]):
                 raise ConfigError(f"{source}: key '{key}' names a path that does not exist: {kwargs[name]}")
-    return schema(**kwargs)
+    cfg = schema(**kwargs)
+    validate = getattr(cfg, "validate", None)  # the rules between keys: a schema's own, checked once it is built
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return cfg
 
 
 def _apply_override(raw: Dict[str, Any], override: str) -> None:

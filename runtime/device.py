@@ -2,7 +2,7 @@
 start, never a silent CPU run), the CUDA settings it runs with, and the loader workers its CPUs can feed."""
 import logging
 import os
-from typing import Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -115,3 +115,9 @@ def compile_blocks(*block_lists) -> int:
             block.compile()
             count += 1
     return count
+
+
+def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """The batch's tensors on `device` (asynchronous from the loader's pinned memory); dtypes stay as they are:
+    the job's `prepare` casts what the model reads (targets such as cached teacher embeddings stay fp32)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

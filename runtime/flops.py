@@ -37,12 +37,12 @@ def count_flops(fn: Callable[[], object], context: Optional[Callable[[], Context
 
 def training_step_flops(forward: Callable[[], object], frozen_forward: Optional[Callable[[], object]] = None,
                         context: Optional[Callable[[], ContextManager]] = None) -> int:
-    """A training step's FLOPs: `forward` is the whole forward (it may run a frozen part inside, e.g. a live
-    teacher), `frozen_forward` that frozen part alone. The trained rest costs 3x with its backward, the frozen part
-    1x. Both are counted under the same rule and context, so the frozen work is subtracted exactly."""
-    total = count_flops(forward, context)
+    """A training step's FLOPs: `forward` is the trained model's forward (3x with its backward), `frozen_forward`
+    the frozen work the step does beside it (e.g. a live teacher in the batch preparation, 1x). Both are counted
+    under the same rule and context."""
+    trained = count_flops(forward, context)
     frozen = count_flops(frozen_forward, context) if frozen_forward is not None else 0
-    return 3 * (total - frozen) + frozen
+    return 3 * trained + frozen
 
 
 def transformer_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> int:

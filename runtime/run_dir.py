@@ -1,11 +1,13 @@
 """A run directory belongs to one run: a rerun that would resume it with a config that makes another run is refused."""
+import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Tuple
 
 import yaml
 
+from runtime import distributed
 from runtime.checkpoint import CheckpointError, CheckpointStore
-from runtime.config import config_to_dict
+from runtime.config import config_to_dict, write_run_metadata
 
 # what makes a run (its weights could not have come from another value); sections or single keys
 RUN_IDENTITY = ("model", "teacher", "data", "encoder", "loss", "train.mode", "train.strategy", "train.templates")
@@ -57,3 +59,13 @@ def check_same_run(run_dir: Path, cfg: Any, resume: str) -> None:
         more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
         raise RunDirError(f"{run_dir} holds another run, which this one would resume (its config.yaml differs in "
                           f"{shown}{more}): set run.output_dir to a new directory, or remove this one")
+
+
+def record_run(run_dir: Path, store: CheckpointStore, cfg: Any, env: Any, **meta: Any) -> None:
+    """Rank 0 removes half-written checkpoints and records the run starting (or resuming) in run_dir: config.yaml
+    and meta.json (provenance, the Slurm restart count); every rank waits for it."""
+    if env.is_main:
+        store.clean_partials()
+        write_run_metadata(run_dir, cfg, world_size=env.world_size, launcher=env.launcher,
+                           restart_count=os.environ.get("SLURM_RESTART_COUNT", "0"), **meta)
+    distributed.barrier()

@@ -17,15 +17,11 @@ from torch import nn
 
 from runtime import distributed
 from runtime.atomic import atomic_write_json
-from runtime.checkpoint import CheckpointStore
-from runtime.config import DebugConfig, OptimConfig, RunConfig, with_scaled_lr
-from runtime.guard import StopRequest
-from runtime.loop import run_job
-from runtime.optim import adamw
-from runtime.seeding import seed_everything
+from runtime.config import DebugConfig, OptimConfig, RunConfig, bounded
 from runtime.device import DeviceError
-from runtime.strategy import DDPStrategy, init_distributed_for
-from runtime.training import TrainingJob, TrainState
+from runtime.entry import init_distributed_for, run_job
+from runtime.guard import StopRequest
+from runtime.training import JobParts, TrainingJob, TrainState
 
 log = logging.getLogger("runtime.smoke")
 
@@ -39,7 +35,8 @@ class SmokeConfig:
     batch_size: int = 16          # per rank and micro-batch
     dim: int = 16
     hidden: int = 64
-    step_sleep_s: float = 0.0     # slows each step, so a test can interrupt a run part-way
+    ema_decay: Optional[float] = bounded(None, 0, 1, open_high=True)  # an EMA of the weights, saved and restored
+    debug: DebugConfig = field(default_factory=DebugConfig)  # e.g. debug.step_sleep_s to interrupt a run
 
 
 def make_batch(cfg: SmokeConfig, step: int, rank: int, micro: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -57,17 +54,15 @@ class SmokeRun(TrainingJob):
     name = "smoke run"
 
     def __init__(self, cfg: SmokeConfig, env: distributed.DistEnv, stop: Optional[StopRequest] = None):
-        super().__init__(with_scaled_lr(cfg, cfg.batch_size, env.world_size), env, stop,
-                         DebugConfig(step_sleep_s=cfg.step_sleep_s))
-        cfg = self.cfg
-        self.lr, self.batch_size = cfg.optim.lr, cfg.batch_size
-        self.steps_per_epoch, self.total_steps = cfg.steps_per_epoch, cfg.steps
-        seed_everything(cfg.run.seed)
-        model = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.dim))
-        optimizer = adamw(model.parameters(), cfg.optim)
-        self.strategy = DDPStrategy(model, optimizer, self.device, cfg.optim.accum_steps, cfg.optim.clip_grad)
-        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every)
         self.windows: List[Dict[str, float]] = []  # this process's log windows, for the result file
+        super().__init__(cfg, env, stop)
+
+    def build(self) -> JobParts:
+        cfg = self.cfg
+        model = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.dim))
+        per_step = cfg.batch_size * cfg.optim.accum_steps * self.env.world_size
+        return JobParts(model, model.parameters(), cfg.batch_size, samples_per_epoch=cfg.steps_per_epoch * per_step,
+                        epochs=cfg.steps / cfg.steps_per_epoch, ema_decay=cfg.ema_decay)
 
     def window_scalars(self, state: TrainState, window: Dict[str, float], lr: float) -> Dict[str, float]:
         scalars = super().window_scalars(state, window, lr)

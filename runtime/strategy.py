@@ -3,16 +3,46 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ContextManager, Dict, Optional, Protocol, Tuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from runtime import distributed
 from runtime.checkpoint import CheckpointError, CheckpointStore, load_checkpoint, load_model_state
-from runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
+
+
+class Strategy(Protocol):
+    """What the training skeleton asks of a strategy (runtime/training.py is its one caller).
+
+    A step runs `accum_steps` micro-batches, each as `with accumulate(boundary): loss = forward(model, batch)` then
+    `backward(loss)` (boundary: the step's last micro-batch, where gradients are reduced across ranks), then one
+    `step(found_inf)`: the optimizer update, skipped on the device when `found_inf` (a 0-d device flag, some rank's
+    loss was not finite) is set; it returns (gradient norm, skipped), neither read on the host. `set_lr(lr)` sets
+    every group's lr times its `lr_scale`. `save_checkpoint(store, step, client_state)` is a collective: every rank
+    calls it, the checkpoint holds the weights, the optimizer and `client_state`; `load_checkpoint(path)` restores
+    weights and optimizer and returns the rest of what was saved. `module` is the bare model (evaluation, export,
+    EMA), `model` what the forward runs through (a DDP wrapper, a DeepSpeed engine, or `module` itself)."""
+    name: str
+    module: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+
+    def accumulate(self, boundary: bool) -> ContextManager: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self, found_inf: Optional[torch.Tensor] = None) -> Tuple[Any, torch.Tensor]: ...
+    def set_lr(self, lr: float) -> None: ...
+    def save_checkpoint(self, store: CheckpointStore, step: int, client_state: Dict[str, Any]) -> Optional[Path]: ...
+    def load_checkpoint(self, path: Path) -> Dict[str, Any]: ...
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group at lr times its `lr_scale` (timm's layer decay sets it; 1 elsewhere)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class DDPStrategy:
@@ -54,8 +84,7 @@ class DDPStrategy:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        set_group_lrs(self.optimizer, lr)
 
     def step(self, found_inf: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Clip (if configured) and step unless `found_inf` (a device flag: some rank's loss was not finite) or the
@@ -157,8 +186,7 @@ class DeepSpeedStrategy:
             self.engine.step()  # DeepSpeed counts micro-batches in step(); off the boundary it updates nothing
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        set_group_lrs(self.optimizer, lr)
 
     def step(self, found_inf: Optional[torch.Tensor] = None) -> Tuple[Any, torch.Tensor]:
         """DeepSpeed's optimizer step at the accumulation boundary, skipped on the device when `found_inf` is set
@@ -214,22 +242,9 @@ def check_deepspeed_files(directory: Path) -> None:
                                       f"(GLOBAL {name}). Only load files you trust")
 
 
-def init_distributed_for(strategy: str, timeout_s: int = 1800, device: str = "auto",
-                         precision: str = "auto") -> distributed.DistEnv:
-    """The process group a run needs, on the device it will train on (run.device, resolved first: a GPU asked for
-    and missing is an error before anything starts). DeepSpeed wants a group even for a single process, and is
-    imported before it starts (imported later, it keeps the group alive past shutdown; see
-    distributed.init_distributed)."""
-    env = distributed.resolve_env()
-    deepspeed = strategy == "deepspeed"
-    return distributed.init_distributed(env, timeout_s, always=deepspeed,
-                                        libraries=("deepspeed",) if deepspeed else (),
-                                        device=resolve_device(env, device, precision))
-
-
 def make_strategy(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                   accum_steps: int = 1, clip_grad: Optional[float] = None, deepspeed_config: Optional[str] = None,
-                  batch_per_rank: int = 1, precision: str = "fp32"):
+                  batch_per_rank: int = 1, precision: str = "fp32") -> Strategy:
     if name == "ddp":
         return DDPStrategy(model, optimizer, device, accum_steps, clip_grad, precision)
     if name == "deepspeed":

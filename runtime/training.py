@@ -1,27 +1,56 @@
-"""The training skeleton every trainer runs: resume, guarded optimizer steps, checkpoints holding one TrainState,
-metrics to TensorBoard and metrics.jsonl, and a summary of the whole run's log windows."""
+"""The training skeleton every trainer runs: a job says what it is once (`build() -> JobParts`); the skeleton builds
+the optimizer, strategy, checkpoint store and seeds from it, resumes, runs guarded optimizer steps, saves
+checkpoints holding one TrainState plus every registered part, and logs metrics to TensorBoard and metrics.jsonl."""
 import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence
 
 import torch
 
 from runtime import distributed
-from runtime.checkpoint import CheckpointStore
-from runtime.config import DebugConfig, config_to_yaml
-from runtime.device import configure_cuda, resolve_device, with_loader_workers
+from runtime.checkpoint import CheckpointStore, decide_resume
+from runtime.config import DebugConfig, config_to_dict, config_to_yaml, with_scaled_lr
+from runtime.device import configure_cuda, resolve_device, to_device, with_loader_workers
+from runtime.ema import WeightEma
+from runtime.epochs import SharedEpoch, epoch_stream
 from runtime.guard import StepGuard, StopRequest
 from runtime.host_sync import HostSyncLog
-from runtime.loop import StepResult, inject_faults, optimizer_step, prepare_run, resume_run, save_run
 from runtime.metric_logger import MetricLogger
-from runtime.precision import resolve_precision
-from runtime.run_dir import check_same_run
+from runtime.optim import adamw
+from runtime.precision import autocast, resolve_precision
+from runtime.run_dir import check_same_run, record_run
 from runtime.schedule import warmup_cosine_lr
+from runtime.seeding import capture_rng_state, restore_rng_state, seed_everything
+from runtime.strategy import Strategy, make_strategy
 
 log = logging.getLogger(__name__)
+
+
+class Stateful(Protocol):
+    """A part of the run its checkpoints hold beyond weights, optimizer, RNG and TrainState (e.g. the EMA)."""
+
+    def state_dict(self) -> Dict[str, Any]: ...
+    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+
+
+@dataclass
+class JobParts:
+    """What a job is, said once by `TrainingJob.build()`; the skeleton makes the rest from it."""
+    model: torch.nn.Module
+    param_groups: Any                       # what AdamW steps: parameters, or groups (timm's weight/layer decay)
+    batch_size: int                         # per rank and micro-batch
+    samples_per_epoch: int                  # -> steps per epoch (over every rank and micro-batch)
+    epochs: float                           # -> total steps
+    precision: str = "fp32"                 # auto, fp32, bf16, fp16 (resolved on the device)
+    strategy: str = "ddp"                   # ddp or deepspeed (runtime/strategy.py)
+    deepspeed_config: Optional[str] = None
+    max_nonfinite: int = 3                  # non-finite losses in a row before the run stops with an error
+    ema_decay: Optional[float] = None       # an EMA of the weights (train.ema_decay), evaluated and exported
+    frozen: Sequence[torch.nn.Module] = ()  # moved to the device with the model, neither trained nor saved
+    states: Dict[str, Stateful] = field(default_factory=dict)  # saved into and restored from every checkpoint
 
 
 def no_best() -> Dict[str, Any]:
@@ -82,35 +111,74 @@ class TrainState:
         return self
 
 
+@dataclass
+class StepResult:
+    loss: torch.Tensor                  # the last micro-batch's loss (device)
+    terms: Dict[str, torch.Tensor]
+    skipped: torch.Tensor               # 1.0 if the update was skipped (device)
+    grad_norm: Any                      # a device tensor (DDP), or the number DeepSpeed reports
+    data_time: float
+    corrupt: int
+    last_batch: Dict[str, Any] = field(default_factory=dict)
+    output: Any = None
+
+
 class TrainingJob:
-    """One training job on this rank. A subclass builds its parts in __init__ (after `super().__init__`): the
-    strategy, store, steps_per_epoch, total_steps and batch_size, and says what a step computes (`batches`,
-    `forward`); hooks let it evaluate, log more or write its results. `run()` trains to the last step or a stop."""
+    """One training job on this rank. A subclass says what it is in `build()` and what a step computes
+    (`train_loader` or `batches`, `forward`, optionally `prepare`); hooks let it evaluate, log more or write its
+    results. The constructor builds everything (the same preamble for every job, every DebugConfig field honoured);
+    `run()` trains to the last step or a stop."""
 
     name = "training"
-    max_nonfinite = 3
 
-    def __init__(self, cfg: Any, env: distributed.DistEnv, stop: Optional[StopRequest] = None,
-                 debug: Optional[DebugConfig] = None, precision: str = "fp32"):
+    def __init__(self, cfg: Any, env: distributed.DistEnv, stop: Optional[StopRequest] = None):
         self.cfg, self.env = with_loader_workers(cfg), env
         self.stop = stop or StopRequest()
-        self.debug = debug or DebugConfig()
-        self.device = resolve_device(env, cfg.run.device, precision)
-        configure_cuda(self.device)
-        self.precision = resolve_precision(precision, self.device)
+        self.debug: DebugConfig = getattr(cfg, "debug", None) or DebugConfig()
         self.run_dir = Path(cfg.run.output_dir)
         check_same_run(self.run_dir, self.cfg, cfg.run.resume)  # before anything is built or written
         self.state: Optional[TrainState] = None
-        # set by the subclass
-        self.strategy: Any = None
-        self.store: Optional[CheckpointStore] = None
-        self.steps_per_epoch = self.total_steps = self.batch_size = 1
-        self.lr = 0.0
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        parts = self.build()
+        self.cfg = with_scaled_lr(self.cfg, parts.batch_size, env.world_size)
+        self.lr, self.batch_size, self.max_nonfinite = self.cfg.optim.lr, parts.batch_size, parts.max_nonfinite
+        self.device = resolve_device(env, cfg.run.device, parts.precision)
+        configure_cuda(self.device)
+        self.precision = resolve_precision(parts.precision, self.device)
+        self.steps_per_epoch = max(1, parts.samples_per_epoch // self.samples_per_step)
+        self.total_steps = max(1, int(round(parts.epochs * self.steps_per_epoch)))
+        for module in parts.frozen:
+            module.to(self.device)
+        optim = self.cfg.optim
+        self.strategy: Strategy = make_strategy(parts.strategy, parts.model, adamw(parts.param_groups, optim),
+                                                self.device, optim.accum_steps, optim.clip_grad,
+                                                parts.deepspeed_config, parts.batch_size, self.precision)
+        self.states: Dict[str, Stateful] = dict(parts.states)
+        self.ema = WeightEma(self.strategy.module, parts.ema_decay) if parts.ema_decay else None
+        if self.ema is not None:
+            self.states["ema"] = self.ema
+        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.run.keep_last, cfg.run.milestone_every,
+                                     self.debug.save_sleep_s)
+        seed_everything(cfg.run.seed + 1000 * env.rank)  # different augmentations on each rank
+        self.epoch = SharedEpoch()
 
     # what a subclass says
+    def build(self) -> JobParts:
+        """The job's model and what the skeleton needs to train it (called once, after seeding, on every rank)."""
+        raise NotImplementedError
+
+    def train_loader(self):
+        """The training loader (persistent workers), read epoch by epoch through `self.epoch`."""
+        raise NotImplementedError
+
+    def no_batch(self, loader) -> str:
+        """The error when a whole pass over the training data gave no batch."""
+        return f"{self.name}: a whole pass over the training data gave no batch of {self.batch_size}"
+
     def batches(self, start_step: int) -> Iterator[Dict[str, Any]]:
         """Micro-batches from start_step on; the returned generator is closed when the loop ends."""
-        raise NotImplementedError
+        return epoch_stream(self.train_loader(), self.steps_per_epoch, self.cfg.optim.accum_steps, start_step,
+                            self.epoch, self.no_batch)
 
     def forward(self, model: torch.nn.Module, batch: Dict[str, Any]):
         """(loss, {term: value}, anything else) of one micro-batch."""
@@ -164,20 +232,47 @@ class TrainingJob:
     def samples_per_step(self) -> int:
         return self.batch_size * self.cfg.optim.accum_steps * self.env.world_size
 
+    @property
+    def eval_module(self) -> torch.nn.Module:
+        """The weights a job evaluates and exports: the EMA's when train.ema_decay is set, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.strategy.module
+
     def lr_at(self, step: int) -> float:
         optim = self.cfg.optim
         return warmup_cosine_lr(step / self.steps_per_epoch, self.lr, optim.min_lr, optim.warmup_epochs,
                                 self.total_steps / self.steps_per_epoch)
 
     def resume(self) -> TrainState:
-        """Rank 0 cleans up and records the run, then the latest checkpoint (rank 0 decides) is restored."""
-        prepare_run(self.run_dir, self.store, self.cfg, self.env, **self.run_metadata())
+        """Rank 0 cleans up and records the run; then the checkpoint rank 0 decided on (if any) is restored: weights
+        and optimizer by the strategy, this rank's RNG (its CUDA generator onto this device), every registered part
+        and the TrainState."""
+        record_run(self.run_dir, self.store, self.cfg, self.env, **self.run_metadata())
         state = TrainState(self.steps_per_epoch, self.total_steps, self.samples_per_step, self.cfg.run.seed)
-        saved = resume_run(self.cfg.run.resume, self.store, self.strategy, self.env)
-        return state.restore(saved) if saved else state
+        path = decide_resume(self.cfg.run.resume, self.store)
+        if path is None:
+            return state
+        saved = self.strategy.load_checkpoint(path)
+        rng = saved.get("rng") or []
+        if len(rng) == self.env.world_size:
+            restore_rng_state(rng[self.env.rank], self.device)
+        parts = saved.get("states") or {}
+        for name, part in self.states.items():
+            if name in parts:
+                part.load_state_dict(parts[name])
+            elif hasattr(part, "start_fresh"):
+                part.start_fresh()
+            else:
+                log.warning("%s holds no state for %r: it starts afresh", path, name)
+        log.info("resumed from %s at step %d", path, saved["step"])
+        return state.restore(saved)
 
     def save(self, state: TrainState) -> None:
-        save_run(self.store, self.strategy, state.step, self.cfg, state.to_dict())
+        """A checkpoint with every rank's RNG state, the resolved config and the registered parts (a collective:
+        all ranks call it)."""
+        rng = distributed.all_gather_object(capture_rng_state(self.device))
+        self.strategy.save_checkpoint(self.store, state.step, {
+            "step": state.step, "rng": rng, "config": config_to_dict(self.cfg), **state.to_dict(),
+            "states": {name: part.state_dict() for name, part in self.states.items()}})
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -205,8 +300,8 @@ class TrainingJob:
                 quiet = not (first or self.sync_due(state.step) or self.busy_step(state.step))
                 with syncs.step(state.step, quiet) if syncs else nullcontext():
                     stopped = self.train_step(state, stream, guard, logger, first)
-                if self.debug.step_sleep_s:
-                    time.sleep(self.debug.step_sleep_s)
+                if debug.step_sleep_s:
+                    time.sleep(debug.step_sleep_s)
         finally:
             stream.close()  # shuts the loader's workers down now, not at interpreter exit (where they would hang)
             self.close()
@@ -225,12 +320,12 @@ class TrainingJob:
         the run stops after it."""
         lr = self.lr_at(state.step)
         self.strategy.set_lr(lr)
-        accum = self.cfg.optim.accum_steps
-        done = optimizer_step(self.strategy, stream, self.forward, guard, state.step, accum, self.precision,
-                              self.device, on_loss=lambda loss, s: inject_faults(self.debug, loss, s, self.env.rank),
-                              on_first_batch=self.on_first_batch if first else None, prepare=self.prepare)
-        window = logger.update(state.step, samples=self.batch_size * accum, data_time=done.data_time,
-                               loss=done.loss.detach(), **{f"loss_{k}": v.detach() for k, v in done.terms.items()},
+        done = self.optimizer_step(stream, guard, state.step, first)
+        if self.ema is not None:
+            self.ema.update(state.step)
+        window = logger.update(state.step, samples=self.batch_size * self.cfg.optim.accum_steps,
+                               data_time=done.data_time, loss=done.loss.detach(),
+                               **{f"loss_{k}": v.detach() for k, v in done.terms.items()},
                                grad_norm=done.grad_norm, corrupt_samples=done.corrupt, skipped_steps=done.skipped)
         if window:
             scalars = self.window_scalars(state, window, lr)
@@ -241,3 +336,38 @@ class TrainingJob:
         if self.checkpoint_due(state.step) or stopped:
             self.save(state)
         return stopped
+
+    def optimizer_step(self, batches: Iterator[Dict[str, Any]], guard: StepGuard, step: int,
+                       first: bool) -> StepResult:
+        """Micro-batches through prepare, forward and backward (DDP no_sync between boundaries), then the optimizer
+        step, skipped on the device on every rank if any rank's loss was not finite (guard.nonfinite_anywhere).
+        Nothing here waits for the device: the decisions that need the host are the guard's, at sync points."""
+        strategy, accum = self.strategy, self.cfg.optim.accum_steps
+        data_time, corrupt = 0.0, 0
+        loss, terms, output, batch, nonfinite = None, {}, None, {}, None
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_time += time.perf_counter() - t0
+            corrupt += int(batch.pop("corrupt", 0))
+            batch = self.prepare(to_device(batch, self.device))
+            if first and micro == 0:
+                self.on_first_batch(batch)
+            with strategy.accumulate(micro == accum - 1), autocast(self.precision, self.device):
+                loss, terms, output = self.forward(strategy.model, batch)
+            loss = self.inject_faults(loss, step)
+            bad = ~torch.isfinite(loss.detach())
+            nonfinite = bad if nonfinite is None else nonfinite | bad
+            strategy.backward(loss)  # a non-finite loss still goes back: its update is skipped below, on every rank
+        grad_norm, skipped = strategy.step(guard.nonfinite_anywhere(nonfinite))
+        guard.record(skipped, nonfinite)
+        return StepResult(loss, terms, skipped, grad_norm, data_time, corrupt, batch, output)
+
+    def inject_faults(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """The debug.* hooks: a NaN loss or a crash on one rank at a given step."""
+        debug, rank = self.debug, self.env.rank
+        if step in debug.nan_steps and rank == debug.nan_rank:
+            loss = loss * float("nan")
+        if debug.crash_step == step and rank == debug.crash_rank:
+            raise RuntimeError(f"debug.crash_step: rank {rank} crashes at step {step}")
+        return loss

@@ -3,7 +3,7 @@
 #
 #   sbatch --nodes=2 slurm/pretrain.sh configs/pretrain/vit_l16.yaml run.output_dir=runs/vit_l16 \
 #       teacher.checkpoint=/models/clip_b16.bin "data.train=[shards/web/{00000..09999}.tar]" \
-#       data.teacher_cache=shards/web_teacher
+#       teacher.cache=shards/web_teacher
 #
 # Each node is the job's alone (--exclusive, --mem=0): its CPUs feed the loader workers (data.num_workers: auto
 # gives each rank its share less two) and its memory their buffers. GPUs: 8 per node unless overridden

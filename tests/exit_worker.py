@@ -9,7 +9,8 @@ import sys
 import torch
 
 from runtime import distributed
-from runtime.strategy import init_distributed_for, make_strategy
+from runtime.entry import init_distributed_for
+from runtime.strategy import make_strategy
 
 
 def late_import(env: distributed.DistEnv) -> None:

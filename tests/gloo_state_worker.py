@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from runtime import distributed
-from runtime.strategy import init_distributed_for, make_strategy
+from runtime.entry import init_distributed_for
+from runtime.strategy import make_strategy
 
 
 def next_thread_state_id() -> int:

@@ -6,6 +6,7 @@ import torch
 from data_tools.folder import shard_folder
 from data_tools.samples import ImageOptions
 from pretrain.config import LossConfig, ModelConfig, TeacherConfig
+from pretrain.teacher import teacher_embed_dim
 from pretrain.model import UniEmoXPretrainer
 from runtime.checkpoint import CheckpointStore
 from runtime.config import config_to_dict
@@ -37,7 +38,7 @@ def pretraining_checkpoint(run_dir: Path) -> Path:
     torch.manual_seed(0)
     model_cfg = ModelConfig(preset="tiny")
     pre = UniEmoXPretrainer(model_cfg, LossConfig(paired=0, relational=0),
-                            TeacherConfig(checkpoint="random", arch=TINY_CLIP), None)
+                            teacher_embed_dim(TeacherConfig(checkpoint="random", arch=TINY_CLIP)))
     cfg = {"model": config_to_dict(model_cfg), "teacher": {"arch": TINY_CLIP, "checkpoint": "random"}}
     CheckpointStore(run_dir / "checkpoints").save(3, {"model": pre.state_dict(), "step": 3, "config": cfg})
     return run_dir

@@ -13,7 +13,7 @@ from torchvision.transforms import functional as TF
 from data_tools.crops import DraftResizedCrops, draft_factor, person_region
 from data_tools.images import ImageError, load_rgb
 from pretrain.data import normalize_views
-from pretrain.teacher import IMAGENET_MEAN, IMAGENET_STD
+from data_tools.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config import LossConfig, ModelConfig, TeacherConfig
+from pretrain.teacher import teacher_embed_dim
 from pretrain.model import UniEmoXPretrainer
 from runtime.checkpoint import load_checkpoint
 from runtime.device import DeviceError, compile_blocks, cpus_per_rank, loader_workers, resolve_device
@@ -99,7 +100,7 @@ def test_compiled_blocks_give_the_eager_step():
     """train.compile on the tiny preset (inductor on the CPU): loss and gradients of one step equal eager's."""
     torch.manual_seed(0)
     model = UniEmoXPretrainer(ModelConfig(preset="tiny"), LossConfig(),
-                              TeacherConfig(checkpoint="random", arch=TINY_CLIP, cached=True))
+                              teacher_embed_dim(TeacherConfig(checkpoint="random", arch=TINY_CLIP)))
     g = torch.Generator().manual_seed(1)
     batch = {"image": torch.randn(8, 3, 32, 32, generator=g), "person": torch.randn(8, 3, 32, 32, generator=g),
              "clip_image": F.normalize(torch.randn(8, 32, generator=g), dim=-1),
@@ -122,7 +123,7 @@ def test_only_the_views_take_deepspeeds_bf16_and_cached_targets_stay_fp32():
     """Moving a batch keeps every dtype; the job's prepare casts the image views to the dtype DeepSpeed's bf16 weights
     need, and nothing else (cached teacher embeddings, the losses' targets, stay fp32)."""
     from pretrain.data import normalize_views
-    from runtime.loop import to_device
+    from runtime.device import to_device
     batch = {"image": torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8),
              "person": torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8),
              "clip_image": torch.randn(2, 4), "clip_text": torch.randn(2, 4), "key": ["a", "b"]}

@@ -1,4 +1,5 @@
-"""CLIP teacher, distillation losses and the pretrainer: formulas, frozen teacher, overfit, cached == live."""
+"""CLIP teacher, distillation losses and the pretrainer: formulas, frozen teacher, overfit, the teacher as data
+(made in the batch preparation or read from the cache), the cache command and its checks."""
 import io
 import json
 import os
@@ -34,16 +35,15 @@ def batch_for(teacher, n=4, seed=0, person=True):
     texts = [f"The overall emotion conveyed is {e}." for e in ["awe", "fear", "joy", "anger", "sadness"][:n]]
     batch = {"image": torch.randn(n, 3, 32, 32, generator=g), "text": teacher.tokenize(texts),
              "noise": torch.rand(2 * n if person else n, 16, generator=g)}
+    batch.update(clip_image=teacher.encode_image(batch["image"]), clip_text=teacher.encode_text(batch["text"]))
     if person:
         batch["person"] = torch.randn(n, 3, 32, 32, generator=g)
     return batch
 
 
-def pretrainer(teacher, cached=False, fusion="sum_ln_elu", **weights):
+def pretrainer(teacher, fusion="sum_ln_elu", **weights):
     losses = LossConfig(**{"mae": 1.0, "paired": 1.0, "relational": 1.0, **weights})
-    return UniEmoXPretrainer(ModelConfig(preset="tiny", fusion=fusion), losses,
-                             TeacherConfig(checkpoint="random", arch=TINY_CLIP, cached=cached),
-                             None if cached else teacher)
+    return UniEmoXPretrainer(ModelConfig(preset="tiny", fusion=fusion), losses, teacher.embed_dim)
 
 
 def test_teacher_reloads_from_a_file_and_stays_frozen(teacher, tmp_path):
@@ -130,18 +130,41 @@ def test_overfits_one_batch(teacher, terms):
         assert all(p.grad is None for p in model.fusion.parameters())
 
 
-def test_cached_teacher_equals_live(teacher):
-    torch.manual_seed(0)
-    live = pretrainer(teacher)
-    cached = pretrainer(teacher, cached=True)
-    cached.load_state_dict(live.state_dict())
-    batch = batch_for(teacher)
-    cached_batch = {**batch, "clip_image": teacher.encode_image(batch["image"]),
-                    "clip_text": teacher.encode_text(batch["text"])}
-    del cached_batch["text"]
-    a, b = live(batch), cached(cached_batch)
-    for name in a.terms:
-        assert a.terms[name].item() == pytest.approx(b.terms[name].item(), rel=1e-6), name
+def test_a_live_teacher_is_data_made_in_the_batch_preparation(tmp_path):
+    """The pretraining job with a live teacher: the student holds no teacher (none of its parameters, buffers or
+    state), and the prepared batch brings the teacher's embeddings of its normalised scene view and of its text,
+    the fields a teacher cache brings; with no distillation term no teacher is built at all."""
+    from pretrain.config import PretrainConfig
+    from pretrain.data import normalize_views
+    from pretrain.engine import Pretraining
+    from runtime.config import load_config
+    from runtime.distributed import resolve_env
+    make_class_tree(tmp_path / "src", ["a", "b"], per_class=4, size=40)
+    shard_folder("toy", str(tmp_path / "src"), str(tmp_path / "shards"), generic=True, ratios=(1.0, 0.0, 0.0),
+                 shard_size=8, min_shards=1, options=ImageOptions(detector="none"))
+    overrides = [f"data.train=[{tmp_path / 'shards' / 'train' / '00000.tar'}]", "data.num_workers=0",
+                 "data.batch_size=4", "train.ema_decay=0.9"]
+    job = Pretraining(load_config(PretrainConfig, "configs/pretrain/tiny.yaml",
+                                  [*overrides, f"run.output_dir={tmp_path / 'live'}"]), resolve_env())
+    teacher = job.teacher
+    assert teacher is not None and not teacher.training
+    held = {id(t) for t in (*job.model.parameters(), *job.model.buffers(), *job.ema.module.parameters())}
+    assert not any(id(t) in held for t in (*teacher.parameters(), *teacher.buffers()))
+    assert not any("teacher" in k for k in (*job.model.state_dict(), *job.ema.state_dict()))
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g),
+             "person": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g),
+             "text": teacher.tokenize(["awe", "fear", "joy", "anger"])}
+    prepared = job.prepare(dict(batch))
+    image = normalize_views(dict(batch))["image"]
+    assert torch.equal(prepared["clip_image"], teacher.encode_image(image))
+    assert torch.equal(prepared["clip_text"], teacher.encode_text(batch["text"]))
+    loss = job.forward(job.strategy.model, prepared)[0]
+    assert loss.isfinite() and all(p.grad is None for p in teacher.parameters())
+    mae_only = Pretraining(load_config(PretrainConfig, "configs/pretrain/tiny.yaml",
+                                       [*overrides, f"run.output_dir={tmp_path / 'mae'}", "loss.paired=0",
+                                        "loss.relational=0"]), resolve_env())
+    assert mae_only.teacher is None and "clip_image" not in mae_only.prepare(dict(batch))
 
 
 def test_scene_only_and_projection_choices(teacher):
@@ -151,10 +174,9 @@ def test_scene_only_and_projection_choices(teacher):
     assert set(out.terms) == {"mae", "paired", "relational"}
     with pytest.raises(ValueError, match=r"decoder width \(48\) to equal the teacher's embedding width \(32\); "
                                          r"use model.projection=linear"):
-        UniEmoXPretrainer(ModelConfig(preset="tiny", decoder_embed_dim=48), LossConfig(),
-                          TeacherConfig(checkpoint="random", arch=TINY_CLIP), teacher)
+        UniEmoXPretrainer(ModelConfig(preset="tiny", decoder_embed_dim=48), LossConfig(), teacher.embed_dim)
     linear = UniEmoXPretrainer(ModelConfig(preset="tiny", decoder_embed_dim=48, projection="linear"),
-                               LossConfig(), TeacherConfig(checkpoint="random", arch=TINY_CLIP), teacher)
+                               LossConfig(), teacher.embed_dim)
     assert linear.proj.weight.shape == (32, 64) and linear(batch_for(teacher)).loss.isfinite()
     with pytest.raises(ValueError, match="every loss weight is 0"):
         pretrainer(teacher, mae=0.0, paired=0.0, relational=0.0)
@@ -191,35 +213,35 @@ def test_cache_teacher_command(teacher, tmp_path, capfd):
 
     # the cache records its teacher: the same teacher.* passes, another one (same width) is refused naming both
     from pretrain.cache_teacher import check_teacher_cache
-    same = TeacherConfig(checkpoint=str(tmp_path / "clip.pt"), arch=TINY_CLIP, cached=True)
+    same = TeacherConfig(checkpoint=str(tmp_path / "clip.pt"), arch=TINY_CLIP)
     sources = [[str(tmp_path / "shards" / "train" / f"{i:05d}.tar") for i in range(3)]]
     check_teacher_cache(str(tmp_path / "cache"), same, sources)
     torch.save(teacher.model.state_dict(), tmp_path / "other.pt")
-    other = TeacherConfig(checkpoint=str(tmp_path / "other.pt"), arch=TINY_CLIP, cached=True)
+    other = TeacherConfig(checkpoint=str(tmp_path / "other.pt"), arch=TINY_CLIP)
     with pytest.raises(ValueError, match=r"was made by the teacher .*clip.pt.*but this run's teacher.* is .*other.pt"):
         check_teacher_cache(str(tmp_path / "cache"), other, sources)
     from pretrain.main import main as pretrain_main
     rc = pretrain_main(["--config", "configs/pretrain/tiny.yaml",
                         f"data.train=[{tmp_path / 'shards' / 'train' / '{00000..00002}.tar'}]",
-                        f"run.output_dir={tmp_path / 'run'}", "teacher.cached=true",
-                        f"data.teacher_cache={tmp_path / 'cache'}", f"teacher.checkpoint={tmp_path / 'other.pt'}",
+                        f"run.output_dir={tmp_path / 'run'}", f"teacher.cache={tmp_path / 'cache'}",
+                        f"teacher.checkpoint={tmp_path / 'other.pt'}",
                         f"teacher.arch={TINY_CLIP}", "data.num_workers=0", "data.batch_size=4"])
     assert rc == 3 and not (tmp_path / "run" / "checkpoints").exists()
-    # a cache missing, or covering only some shards: refused before the model is built, naming the key and the
-    # command that makes the cache (it resumes)
+    # a cache that is not there is a config error (exit 2) naming the key and the command that makes it; one that
+    # covers only some shards is refused before the model is built, naming the command that completes it (it resumes)
     cached_run = ["--config", "configs/pretrain/tiny.yaml",
                   f"data.train=[{tmp_path / 'shards' / 'train' / '{00000..00002}.tar'}]",
-                  f"run.output_dir={tmp_path / 'run2'}", "teacher.cached=true",
-                  f"teacher.checkpoint={tmp_path / 'clip.pt'}", f"teacher.arch={TINY_CLIP}", "data.num_workers=0",
-                  "data.batch_size=4"]
+                  f"run.output_dir={tmp_path / 'run2'}", f"teacher.checkpoint={tmp_path / 'clip.pt'}",
+                  f"teacher.arch={TINY_CLIP}", "data.num_workers=0", "data.batch_size=4"]
     capfd.readouterr()
-    assert pretrain_main(cached_run) == 3
+    assert pretrain_main([*cached_run, f"teacher.cache={tmp_path / 'nowhere'}"]) == 2
     err = capfd.readouterr().err
-    assert "teacher.cached=true needs data.teacher_cache=DIR" in err and "python -m pretrain.cache_teacher" in err
+    assert f"teacher.cache={tmp_path / 'nowhere'} is not a directory: make it with `python -m pretrain.cache_teacher" \
+           in err and "unset teacher.cache to run the teacher in every step" in err
     os.unlink(tmp_path / "cache" / "00001_stats.json")
-    assert pretrain_main([*cached_run, f"data.teacher_cache={tmp_path / 'cache'}"]) == 3
+    assert pretrain_main([*cached_run, f"teacher.cache={tmp_path / 'cache'}"]) == 3
     err = capfd.readouterr().err
-    assert f"data.teacher_cache={tmp_path / 'cache'} lacks the teacher's outputs for 1 of 3 shards of data.train " \
+    assert f"teacher.cache={tmp_path / 'cache'} lacks the teacher's outputs for 1 of 3 shards of data.train " \
            f"(e.g. 00001.tar): run `python -m pretrain.cache_teacher --shards" in err and "Traceback" not in err
     assert not (tmp_path / "run2" / "checkpoints").exists()
 
@@ -268,8 +290,7 @@ def test_a_loss_term_is_declared_once_in_the_registry(teacher, monkeypatch):
     with pytest.raises(ValueError, match=r"loss terms \['student_norm'\] have no weight in LossConfig"):
         loss_weights(LossConfig())
     mixed = WithNorm(mae=1.0, paired=0.0, relational=0.0, student_norm=2.0)
-    model = UniEmoXPretrainer(ModelConfig(preset="tiny"), mixed, TeacherConfig(checkpoint="random", arch=TINY_CLIP,
-                                                                               cached=True))
+    model = UniEmoXPretrainer(ModelConfig(preset="tiny"), mixed, 32)
     assert not model.distill  # no term that reads the teacher is on: no teacher, no person branch
     out = model(batch_for(teacher, person=False))
     assert set(out.terms) == {"mae", "student_norm"} and out.terms["student_norm"].item() == 0.5

@@ -20,6 +20,7 @@ from finetune.linear_probe import LinearProbe
 from finetune.main import main as finetune_main
 from finetune.metrics import ccc, compute_metrics
 from pretrain.config import LossConfig, ModelConfig, TeacherConfig
+from pretrain.teacher import teacher_embed_dim
 from pretrain.model import UniEmoXPretrainer
 from runtime.checkpoint import CheckpointError, CheckpointStore, load_checkpoint
 from runtime.config import load_config
@@ -82,7 +83,7 @@ def test_kill9_then_resume_ends_at_the_same_step(emotion6, tmp_path):
 def test_encoder_from_a_pretraining_checkpoint(tmp_path):
     torch.manual_seed(0)
     pre = UniEmoXPretrainer(ModelConfig(preset="tiny"), LossConfig(),
-                            TeacherConfig(checkpoint="random", arch=TINY_CLIP, cached=True))
+                            teacher_embed_dim(TeacherConfig(checkpoint="random", arch=TINY_CLIP)))
     cfg = {"model": {"preset": "tiny", "img_size": 32}, "teacher": {"arch": TINY_CLIP}}
     CheckpointStore(tmp_path / "run" / "checkpoints").save(7, {"model": pre.state_dict(), "step": 7, "config": cfg})
     model, arch, kind = create_encoder(EncoderConfig(checkpoint=str(tmp_path / "run")), 6)

@@ -15,7 +15,7 @@ from finetune.engine import Finetuning
 from finetune.export import TIMM_BASE, export_classifier, export_encoder, read_export
 from finetune.predict import Predictor, main as predict_main
 from finetune.zeroshot import TEMPLATES, evaluate, read_labels
-from pretrain.config import LossConfig, ModelConfig, TeacherConfig
+from pretrain.config import LossConfig, ModelConfig
 from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import CLIPTeacher
 from runtime.checkpoint import CheckpointStore
@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     teacher = CLIPTeacher(TINY_CLIP, "random")
     torch.save(teacher.model.state_dict(), root / "clip.pt")
     model_cfg = ModelConfig(preset="tiny")
-    pre = UniEmoXPretrainer(model_cfg, LossConfig(), TeacherConfig(checkpoint="random", arch=TINY_CLIP), teacher)
+    pre = UniEmoXPretrainer(model_cfg, LossConfig(), teacher.embed_dim)
     cfg = {"model": config_to_dict(model_cfg), "teacher": {"arch": TINY_CLIP, "checkpoint": "random"}}
     CheckpointStore(root / "pre" / "checkpoints").save(3, {"model": pre.state_dict(), "step": 3, "config": cfg})
     ft_cfg = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml",

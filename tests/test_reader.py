@@ -152,7 +152,7 @@ def test_a_finished_loader_leaves_no_thread_behind(shards):
 
 
 def test_the_epoch_stream_owes_each_epoch_its_batches_and_refuses_an_empty_pass():
-    from data_tools.reader import epoch_stream
+    from runtime.epochs import epoch_stream
     calls, epochs = [], SharedEpoch()
 
     class PlainLoader:  # a loader of plain shards that holds only 5 batches per pass
@@ -190,7 +190,7 @@ def test_one_persistent_loader_serves_every_epoch_with_the_same_workers(shards, 
     """epoch_stream over one persistent loader: the same two worker processes make every batch of every epoch (the
     batches say so, and so does each sample's transform); plain epochs still read each sample exactly once, in a
     new order each epoch; resampled epochs owe their fixed number of batches."""
-    from data_tools.reader import epoch_stream
+    from runtime.epochs import epoch_stream
     epoch = SharedEpoch()
     plain = mode == "plain"
     loader = make_loader(str(shards / "{00000..00009}.tar"), batch_size=4, transform=pid_and_key, num_workers=2,

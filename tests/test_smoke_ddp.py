@@ -57,7 +57,7 @@ def test_tensorboard_events(reference_run):
 
 def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, tmp_path):
     out = tmp_path / "killed"
-    cmd = torchrun_cmd(2, "runtime.smoke", *ARGS, f"run.output_dir={out}", "step_sleep_s=0.15")
+    cmd = torchrun_cmd(2, "runtime.smoke", *ARGS, f"run.output_dir={out}", "debug.step_sleep_s=0.15")
     proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = CheckpointStore(out / "checkpoints")
     try:
@@ -85,6 +85,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, tmp_path):
     assert resumed["step"] == reference["step"] == 40
     for name, tensor in reference["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
+    # the EMA of the weights (ema_decay in configs/smoke.yaml), a registered part: saved, restored, bit-identical
+    ema, reference_ema = resumed["states"]["ema"], reference["states"]["ema"]
+    assert ema.keys() == reference_ema.keys() and all(torch.equal(ema[k], reference_ema[k]) for k in ema)
+    assert not all(torch.equal(ema[k], resumed["model"][k]) for k in ema)
     # the summary of the whole history came through the checkpoint's TrainState: the same as the reference's
     whole = json.loads((reference_run / "smoke_result.json").read_text())["history"]
     for stat in ("count", "first", "last", "min", "max", "mean"):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from data_tools.registry import DatasetSpec
 from runtime.checkpoint import load_checkpoint
@@ -61,6 +62,62 @@ def test_a_stop_request_ends_the_run_after_one_step_with_a_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "run")["step"] == 1
     again = SmokeRun(smoke_config(tmp_path), resolve_env()).run()  # a rerun resumes there and finishes
     assert again["resumed_from_step"] == 1 and again["final_step"] == 20 and not again["stopped"]
+
+
+def test_the_weight_average_is_timms_formula_and_survives_a_stop(tmp_path):
+    """train.ema_decay: after each optimizer step e = d * e + (1 - d) * w (the first step copies w, as timm's
+    ModelEmaV3 does); a run stopped part-way and resumed ends with the uninterrupted run's average, bit for bit."""
+    class Recorded(SmokeRun):
+        def after_step(self, state, done, logger):
+            self.seen.append([p.detach().clone() for p in self.strategy.module.parameters()])
+
+    job = Recorded(smoke_config(tmp_path, ema_decay=0.8), resolve_env())
+    job.seen = []
+    job.run()
+    expected = job.seen[0]
+    for weights in job.seen[1:]:
+        expected = [0.8 * e + 0.2 * w for e, w in zip(expected, weights)]
+    averaged = list(job.ema.module.parameters())
+    assert all(torch.allclose(a, e, rtol=1e-5, atol=1e-7) for a, e in zip(averaged, expected))
+    assert not torch.allclose(averaged[0], job.seen[-1][0])
+    stop = StopRequest()
+    stop.requested, stop.name = True, "SIGTERM"
+    cfg = SmokeConfig(run=RunConfig(output_dir=str(tmp_path / "stopped"), log_every=5, ckpt_every=10), steps=20,
+                      ema_decay=0.8)
+    assert SmokeRun(cfg, resolve_env(), stop).run()["final_step"] == 1
+    again = SmokeRun(cfg, resolve_env())
+    again.run()
+    assert all(torch.equal(a, b) for a, b in zip(again.ema.module.parameters(), averaged))
+
+
+def test_a_registered_part_is_saved_and_restored_with_the_run(tmp_path):
+    """A job's own stateful part (JobParts.states) goes into every checkpoint and comes back on resume."""
+    class Counter:
+        def __init__(self):
+            self.steps = 0
+
+        def state_dict(self):
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state):
+            self.steps = state["steps"]
+
+    class Counting(SmokeRun):
+        def build(self):
+            parts = super().build()
+            self.counter = parts.states["counter"] = Counter()
+            return parts
+
+        def after_step(self, state, done, logger):
+            self.counter.steps += 1
+
+    stop = StopRequest()
+    stop.requested, stop.name = True, "SIGTERM"
+    assert Counting(smoke_config(tmp_path), resolve_env(), stop).run()["final_step"] == 1
+    assert load_checkpoint(tmp_path / "run")["states"]["counter"] == {"steps": 1}
+    again = Counting(smoke_config(tmp_path), resolve_env())
+    again.run()
+    assert again.counter.steps == 20 and load_checkpoint(tmp_path / "run")["states"]["counter"] == {"steps": 20}
 
 
 def test_stop_request_install_takes_sigterm():
