@@ -9,8 +9,9 @@ until it reaches its last step. Checkpoints fall on epoch boundaries (run.ckpt_e
 resumed run reads exactly the data an uninterrupted one does and its final weights can be compared bit for bit.
 Reported: runs that reached the final step, steps lost per kill (the last step a rank started minus the step
 resumed from; at most run.ckpt_every), checkpoints that failed to load (every committed one is loaded after each
-kill), and the largest difference between the final weights and the reference run's, beside the difference
-between two uninterrupted runs (the floor: what floating-point nondeterminism alone gives).
+kill), and the largest difference between the final weights and the reference run's, and between their EMAs
+(train.ema_decay, a registered checkpoint part), beside the difference between two uninterrupted runs (the floor:
+what floating-point nondeterminism alone gives).
 """
 import argparse
 import json
@@ -32,6 +33,7 @@ from runtime.atomic import atomic_write_json  # noqa: E402
 from runtime.checkpoint import CheckpointStore, load_checkpoint  # noqa: E402
 
 STEPS_PER_EPOCH = 5  # 160 samples / (batch 16 x 2 ranks)
+EMA_DECAY = 0.99     # the EMA of the weights is a registered checkpoint part: it must come back bit for bit too
 
 
 def command(strategy: str, shards: str, out: Path, epochs: int) -> list:
@@ -40,7 +42,7 @@ def command(strategy: str, shards: str, out: Path, epochs: int) -> list:
             "--config", "configs/pretrain/tiny.yaml", f"data.train=[{shards}]", f"run.output_dir={out}",
             "data.batch_size=16", "data.num_workers=1", "data.resampled=false", f"train.epochs={epochs}",
             f"run.ckpt_every={STEPS_PER_EPOCH}", "run.log_every=5", "train.image_every=0", "debug.record_keys=true",
-            "debug.step_sleep_s=0.2", *extra]
+            "debug.step_sleep_s=0.2", f"train.ema_decay={EMA_DECAY}", *extra]
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -122,12 +124,19 @@ def soak(strategy: str, shards: str, root: Path, kills: int, epochs: int, env: d
             "max_steps_lost": max((e["steps_lost"] for e in events), default=0), "ckpt_every": STEPS_PER_EPOCH,
             "checkpoints_failed_to_load": failed_loads,
             "weights_max_abs_diff_vs_uninterrupted": max_abs_diff(references[0], out),
-            "weights_max_abs_diff_two_uninterrupted_runs": max_abs_diff(references[0], references[1])}
+            "weights_max_abs_diff_two_uninterrupted_runs": max_abs_diff(references[0], references[1]),
+            "ema_max_abs_diff_vs_uninterrupted": max_abs_diff(references[0], out, ema=True),
+            "ema_max_abs_diff_two_uninterrupted_runs": max_abs_diff(references[0], references[1], ema=True)}
 
 
-def max_abs_diff(run_a: Path, run_b: Path) -> float:
-    a, b = load_file(str(run_a / "weights.safetensors")), load_file(str(run_b / "weights.safetensors"))
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+def max_abs_diff(run_a: Path, run_b: Path, ema: bool = False) -> float:
+    """The largest difference between two runs' final weights (the last checkpoint's), or their EMAs (the exported
+    weights.safetensors holds the EMA)."""
+    if ema:
+        a, b = load_file(str(run_a / "weights.safetensors")), load_file(str(run_b / "weights.safetensors"))
+    else:
+        a, b = load_checkpoint(run_a)["model"], load_checkpoint(run_b)["model"]
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def main() -> None:
