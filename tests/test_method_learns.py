@@ -30,10 +30,12 @@ def linear_probe(shards: Path, out: Path, *encoder: str) -> float:
 def test_distilled_encoder_beats_a_random_one_in_a_linear_probe(tmp_path):
     shards = fashion_shards(tmp_path)
     train = str(shards / "train" / "{00000..00005}.tar")
-    pretrain_cfg = load_config(PretrainConfig, REPO / "configs/pretrain/demo.yaml", [
-        f"data.train=[{train}]", f"teacher.cache={tmp_path / 'cache'}", f"run.output_dir={tmp_path / 'pre'}",
-        "data.num_workers=1", "train.epochs=10", "optim.warmup_epochs=1"])
-    cache_teacher([train], make_teacher(pretrain_cfg.teacher), str(tmp_path / "cache"), dtype="float32")
+    overrides = [f"data.train=[{train}]", f"run.output_dir={tmp_path / 'pre'}", "data.num_workers=1",
+                 "train.epochs=10", "optim.warmup_epochs=1"]
+    teacher = load_config(PretrainConfig, REPO / "configs/pretrain/demo.yaml", overrides).teacher
+    cache_teacher([train], make_teacher(teacher), str(tmp_path / "cache"), dtype="float32")
+    pretrain_cfg = load_config(PretrainConfig, REPO / "configs/pretrain/demo.yaml",
+                               [*overrides, f"teacher.cache={tmp_path / 'cache'}"])
     result = Pretraining(pretrain_cfg, resolve_env()).run()
     assert result["final_step"] == 10 * (600 // 32)
     distilled = linear_probe(shards, tmp_path / "probe_distilled", f"encoder.checkpoint={tmp_path / 'pre'}")
