@@ -28,7 +28,8 @@ from data_tools.registry import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 from data_tools.splits import IMAGE_EXTENSIONS
 from data_tools.tars import read_tar
 from finetune.encoder import arch_from_metadata, build_vit, check_arch_fits
-from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
+from pretrain.teacher import make_teacher
+from pretrain.teacher_cli import add_teacher_args, teacher_config_from_args
 from runtime.atomic import atomic_write_text
 from runtime.checkpoint import CheckpointError
 from runtime.cli import HelpFormatter, bad_input_errors

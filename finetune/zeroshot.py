@@ -20,13 +20,14 @@ from torch import nn
 
 from data_tools.registry import SINGLE_LABEL
 from data_tools.text import label_text
-from pretrain.config import LossConfig, ModelConfig, TeacherConfig
+from pretrain.config import LossConfig, ModelConfig
 from pretrain.model import UniEmoXPretrainer
-from pretrain.teacher import NOT_THE_TEACHER, add_teacher_args, make_teacher, teacher_config_from_args, teacher_embed_dim
+from pretrain.teacher import make_teacher, teacher_embed_dim
+from pretrain.teacher_cli import add_teacher_args, stored_teacher_config, teacher_config_from_args
 from runtime.atomic import atomic_write_json
 from runtime.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from runtime.cli import HelpFormatter, with_one_line_errors
-from runtime.config import config_from_dict, load_config
+from runtime.config import load_config
 from runtime.logs import setup_logging
 
 log = logging.getLogger("finetune.zeroshot")
@@ -77,9 +78,8 @@ class ZeroShotEncoder(nn.Module):
                                   f"projection and fusion)")
         model_cfg = load_config(ModelConfig, None, [f"{k}={v}" for k, v in cfg["model"].items()
                                                      if v is not None and k not in ("mae_checkpoint", "init_from")])
-        teacher_cfg = config_from_dict(TeacherConfig, {k: v for k, v in cfg["teacher"].items()
-                                                       if k not in NOT_THE_TEACHER})
-        self.student = UniEmoXPretrainer(model_cfg, LossConfig(), teacher_embed_dim(teacher_cfg))  # no weights
+        width = teacher_embed_dim(stored_teacher_config(cfg["teacher"]))  # from its config: no weights loaded
+        self.student = UniEmoXPretrainer(model_cfg, LossConfig(), width)
         load_model_state(self.student, state["model"])
         self.student.eval()
         self.img_size = self.student.mae.arch.img_size

@@ -35,7 +35,8 @@ from data_tools.tars import read_tar
 from data_tools.writer import atomic_tar
 from pretrain.data import check_shards, normalize_pixels
 from data_tools.images import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.teacher import add_teacher_args, make_teacher, teacher_config_from_args
+from pretrain.teacher import make_teacher
+from pretrain.teacher_cli import add_teacher_args, teacher_config_from_args
 from pretrain.teacher_error import TeacherCacheError
 from runtime import distributed
 from runtime.atomic import atomic_write_json

@@ -3,7 +3,7 @@ classifier + sentence-encoder backend; `make_teacher` builds either from the con
 import logging
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import open_clip
 import torch
@@ -187,41 +187,3 @@ def make_teacher(cfg) -> nn.Module:
 def teacher_embed_dim(cfg) -> int:
     """The teacher's embedding width from its config alone (no weights loaded)."""
     return teacher_backend(cfg).embed_dim(cfg)
-
-
-# keys of a stored teacher section that say where its outputs are, not what it is (`cached`: older runs)
-NOT_THE_TEACHER = ("cache", "cached")
-
-
-def add_teacher_args(parser, checkpoint_help: str = "the teacher's weights file") -> None:
-    """The teacher options every CLI that needs a teacher shares."""
-    group = parser.add_argument_group("teacher (defaults: the run's teacher section, where there is a run)")
-    group.add_argument("--teacher-config", help="a YAML file whose `teacher:` section describes the teacher "
-                                                "(e.g. the pretraining config)")
-    group.add_argument("--teacher-backend", choices=sorted(TEACHER_BACKENDS),
-                       help="a teacher backend (pretrain/teacher.py TEACHER_BACKENDS)")
-    group.add_argument("--teacher-arch", help="open_clip model name / .json, or torchvision classifier name")
-    group.add_argument("--teacher-checkpoint", help=checkpoint_help)
-    group.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other teacher key (text_encoder, image_size, temperature, ...); repeatable")
-
-
-def teacher_config_from_args(args, base: Optional[Dict[str, Any]] = None):
-    """TeacherConfig from `base` (e.g. a run's stored teacher section), then --teacher-config, then the flags."""
-    import yaml
-
-    from pretrain.config import TeacherConfig
-    from runtime.config import config_from_dict
-    raw: Dict[str, Any] = {k: v for k, v in (base or {}).items() if k not in NOT_THE_TEACHER}
-    source = "the run's teacher section" if base else "defaults"
-    if args.teacher_config:
-        section = (yaml.safe_load(Path(args.teacher_config).read_text()) or {}).get("teacher")
-        if not isinstance(section, dict):
-            raise TeacherError(f"{args.teacher_config}: no `teacher:` section")
-        raw.update(section)
-        source = args.teacher_config
-    flags = {"backend": args.teacher_backend, "arch": args.teacher_arch, "checkpoint": args.teacher_checkpoint}
-    if flags["backend"] and flags["backend"] != raw.get("backend", "open_clip") and not flags["arch"]:
-        raw.pop("arch", None)  # another backend: its own default model unless one is named
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.teacher_set)
-    return config_from_dict(TeacherConfig, raw, overrides, source)
