@@ -267,12 +267,7 @@ def _build(schema: Type[T], raw: Dict[str, Any], source: str, prefix: str = "") 
     for name, f in fields.items():
         key = prefix + name
         if name in raw:
-            value = raw[name]
-            if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]) and f.default_factory is not MISSING:
-                # a section given in part keeps the rest of its schema default (e.g. AdaptConfig's aug section)
-                default = {k: v for k, v in dataclasses.asdict(f.default_factory()).items() if k not in value}
-                value = {**default, **value}
-            kwargs[name] = _coerce(value, hints[name], key, source)
+            kwargs[name] = _coerce(raw[name], hints[name], key, source)
         elif f.default is MISSING and f.default_factory is MISSING:
             if dataclasses.is_dataclass(hints[name]):  # a section left out: name its first required key
                 kwargs[name] = _build(hints[name], {}, source, prefix=key + ".")
