@@ -75,6 +75,7 @@ class FinetuneConfig(LabelledJobConfig):
 
     def validate(self) -> None:
         """The rules between keys, checked when the config is built."""
+        self.encoder.validate()  # also where the encoder section was left out (its defaults are not built)
         if self.train.mode == "linear_probe" and self.train.ema_decay is not None:
             raise ConfigError("train.ema_decay has no meaning for train.mode=linear_probe (the encoder is frozen): "
                               "unset train.ema_decay")

@@ -14,7 +14,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from pretrain.mae import MAEArch, get_arch
-from runtime.checkpoint import CheckpointError, STATE_FILE, check_schema, find_checkpoint, safe_torch_load
+from runtime.checkpoint import (CheckpointError, STATE_FILE, check_schema, find_checkpoint, safe_torch_load,
+                                trained_weights)
 
 log = logging.getLogger(__name__)
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
@@ -90,8 +91,8 @@ def read_encoder_source(source: str, preset: str) -> Tuple[Dict[str, torch.Tenso
     check_schema(raw, state_file)
     arch = (raw.get("extra") or {}).get("arch") or raw.get("arch")  # (older checkpoints: at the top level)
     if arch:  # one of our fine-tuning checkpoints: timm names, its architecture stored in its TrainState
-        return raw["model"], MAEArch(**arch), "finetune"
-    return raw["model"], _arch_from_config(raw.get("config", {}).get("model", {})), "pretrain"
+        return trained_weights(raw), MAEArch(**arch), "finetune"
+    return trained_weights(raw), _arch_from_config(raw.get("config", {}).get("model", {})), "pretrain"
 
 
 def to_timm_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from pretrain.model import UniEmoXPretrainer
 from pretrain.teacher import make_teacher, teacher_embed_dim
 from pretrain.teacher_cli import add_teacher_args, stored_teacher_config, teacher_config_from_args
 from runtime.atomic import atomic_write_json
-from runtime.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from runtime.checkpoint import CheckpointError, load_checkpoint, load_model_state, trained_weights
 from runtime.cli import HelpFormatter, with_one_line_errors
 from runtime.config import load_config
 from runtime.logs import setup_logging
@@ -80,7 +80,7 @@ class ZeroShotEncoder(nn.Module):
                                                      if v is not None and k not in ("mae_checkpoint", "init_from")])
         width = teacher_embed_dim(stored_teacher_config(cfg["teacher"]))  # from its config: no weights loaded
         self.student = UniEmoXPretrainer(model_cfg, LossConfig(), width)
-        load_model_state(self.student, state["model"])
+        load_model_state(self.student, trained_weights(state))  # the EMA's, where the run kept one
         self.student.eval()
         self.img_size = self.student.mae.arch.img_size
 

@@ -18,7 +18,7 @@ def check_pretrain_config(cfg) -> None:
     try:
         weights = loss_weights(cfg.loss)
     except ValueError as e:
-        raise ConfigError(f"loss: {e}; give a term a positive weight") from None
+        raise ConfigError(f"loss: {e}") from None
     if model.fusion not in FUSIONS:
         raise ConfigError(f"model.fusion={model.fusion!r} is not a fusion; choose one of {', '.join(FUSIONS)}")
     if teacher.backend not in TEACHER_BACKENDS:
@@ -48,7 +48,7 @@ def check_pretrain_config(cfg) -> None:
         try:
             width = TEACHER_BACKENDS[teacher.backend].embed_dim(teacher)
         except (TeacherError, OSError, ValueError) as e:
-            raise ConfigError(f"teacher.arch: {e}") from None
+            raise ConfigError(f"teacher ({teacher.backend}), its embedding width: {e}") from None
         if arch.decoder_embed_dim != width:
             raise ConfigError(f"model.projection=decoder_embed needs the decoder width (model.decoder_embed_dim="
                               f"{arch.decoder_embed_dim}) to equal the teacher's embedding width ({width}, "

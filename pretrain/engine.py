@@ -51,6 +51,9 @@ class Pretraining(TrainingJob):
         self.view_dtype = torch.bfloat16 if self.cfg.train.strategy == "deepspeed" and self.precision == "bf16" \
             else None
         self.peak_tflops = device_peak_tflops(self.device, self.cfg.train.peak_tflops)
+        weights = next(self.strategy.module.parameters()).dtype
+        if self.teacher is not None and weights != torch.float32:  # DeepSpeed's bf16/fp16 weights: the teacher's too
+            self.teacher.to(weights)
 
     def build(self) -> JobParts:
         cfg = self.cfg

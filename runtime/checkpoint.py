@@ -244,6 +244,11 @@ def strip_prefix(state_dict: Dict[str, Any], prefixes: Sequence[str] = ("module.
     return out
 
 
+def trained_weights(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The weights a checkpoint stands for: its EMA's when the run kept one (train.ema_decay), else the model's."""
+    return (state.get("states") or {}).get("ema") or state["model"]
+
+
 def load_model_state(model: torch.nn.Module, state_dict: Dict[str, Any], strict: bool = True,
                      allowed_missing: Iterable[str] = ()) -> Tuple[List[str], List[str]]:
     """Load weights, report missing/unexpected keys; with strict, any key outside `allowed_missing` is an error."""

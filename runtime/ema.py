@@ -16,6 +16,9 @@ class WeightEma:
         self.source = module
         self.ema = ModelEmaV3(module, decay=decay, dtype=torch.float32)
         self.ema.requires_grad_(False)
+        for part in self.ema.module.modules():  # a deep copy keeps a wrapper's hooks (DeepSpeed's engine): not ours
+            part._forward_hooks.clear()
+            part._forward_pre_hooks.clear()
 
     @property
     def module(self) -> torch.nn.Module:

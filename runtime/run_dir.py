@@ -41,6 +41,17 @@ def run_differences(saved: Dict[str, Any], new: Dict[str, Any], identity: Iterab
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def with_current_keys(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A saved config in today's keys: runs written before teacher.cache replaced teacher.cached (+
+    data.teacher_cache) compare as the same run."""
+    teacher, data = dict(saved.get("teacher") or {}), dict(saved.get("data") or {})
+    if "cached" not in teacher and "teacher_cache" not in data:
+        return saved
+    cache = data.pop("teacher_cache", None)
+    teacher["cache"] = cache if teacher.pop("cached", False) else None
+    return {**saved, "teacher": teacher, "data": data}
+
+
 def check_same_run(run_dir: Path, cfg: Any, resume: str) -> None:
     """Before anything is built or written: if `run_dir` has a checkpoint this run would resume (run.resume=latest)
     and its config.yaml describes another run, raise RunDirError naming each differing key."""
@@ -53,7 +64,7 @@ def check_same_run(run_dir: Path, cfg: Any, resume: str) -> None:
         saved = yaml.safe_load(saved_file.read_text()) or {}
     except yaml.YAMLError:
         return  # not ours to judge; resuming reports what does not fit
-    diffs = run_differences(saved, config_to_dict(cfg))
+    diffs = run_differences(with_current_keys(saved), config_to_dict(cfg))
     if diffs:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diffs[:6])
         more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""

@@ -49,7 +49,7 @@ class JobParts:
     deepspeed_config: Optional[str] = None
     max_nonfinite: int = 3                  # non-finite losses in a row before the run stops with an error
     ema_decay: Optional[float] = None       # an EMA of the weights (train.ema_decay), evaluated and exported
-    frozen: Sequence[torch.nn.Module] = ()  # moved to the device with the model, neither trained nor saved
+    frozen: Sequence[torch.nn.Module] = ()  # other modules moved to the device with the model (a live teacher)
     states: Dict[str, Stateful] = field(default_factory=dict)  # saved into and restored from every checkpoint
 
 

@@ -32,7 +32,7 @@ def test_deepspeed_needs_its_config():
 
 def test_every_loss_weight_zero_is_nothing_to_train():
     msg = refused(pretrain_config, "loss.mae=0", "loss.paired=0", "loss.relational=0")
-    assert "every loss weight is 0" in msg and "give a term a positive weight" in msg
+    assert "loss: every loss weight is 0" in msg and "nothing to train" in msg
 
 
 def test_the_fusion_is_one_of_the_registry():
@@ -85,6 +85,26 @@ def test_the_decoder_embedding_projects_only_to_the_teachers_width():
     assert pretrain_config("model.decoder_embed_dim=48", "model.projection=linear").model.projection == "linear"
     # no distillation term: the width does not matter
     assert pretrain_config("model.decoder_embed_dim=48", "loss.paired=0", "loss.relational=0")
+
+
+def test_a_run_directory_written_with_the_old_cache_keys_is_the_same_run(tmp_path):
+    """A config.yaml from before teacher.cache (teacher.cached + data.teacher_cache) compares as today's keys: the
+    same cache resumes, another one is another run."""
+    import yaml
+
+    from runtime.config import config_to_dict
+    from runtime.run_dir import RunDirError, check_same_run
+    from runtime.checkpoint import CheckpointStore
+    (tmp_path / "cache").mkdir()
+    cfg = pretrain_config(f"teacher.cache={tmp_path / 'cache'}")
+    old = config_to_dict(cfg)
+    del old["teacher"]["cache"]
+    old["teacher"]["cached"], old["data"]["teacher_cache"] = True, str(tmp_path / "cache")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    CheckpointStore(tmp_path / "checkpoints").save(5, {"step": 5})
+    check_same_run(tmp_path, cfg, "latest")
+    with pytest.raises(RunDirError, match=r"teacher.cache: .* there, None now"):
+        check_same_run(tmp_path, pretrain_config(), "latest")
 
 
 def finetune_config(*overrides: str) -> FinetuneConfig:

@@ -94,6 +94,12 @@ def test_encoder_from_a_pretraining_checkpoint(tmp_path):
     model48, _, _ = create_encoder(EncoderConfig(checkpoint=str(tmp_path / "run"), img_size=48), 6)
     assert model48.pos_embed.shape == (1, 1 + 36, 64)
     assert torch.equal(model48.pos_embed[:, 0], pre.mae.pos_embed[:, 0])
+    # a run that kept an EMA of its weights (train.ema_decay) gives the EMA, as its weights.safetensors does
+    ema = {k: v + 1.0 for k, v in pre.state_dict().items()}
+    CheckpointStore(tmp_path / "ema" / "checkpoints").save(7, {"model": pre.state_dict(), "step": 7, "config": cfg,
+                                                              "states": {"ema": ema}})
+    averaged, _, _ = create_encoder(EncoderConfig(checkpoint=str(tmp_path / "ema")), 6)
+    assert torch.equal(averaged.blocks[1].attn.qkv.weight, ema["mae.blocks.1.attn.qkv.weight"])
 
 
 def test_encoder_errors(tmp_path):
