@@ -5,7 +5,7 @@ import json
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -14,11 +14,14 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from pretrain.mae import MAEArch, get_arch
-from runtime.checkpoint import (CheckpointError, STATE_FILE, check_schema, find_checkpoint, safe_torch_load,
+from runtime.checkpoint import (CheckpointError, STATE_FILE, check_schema, find_checkpoint, REFERENCE_GLOBALS,
+                                reference_parts, safe_torch_load, strip_prefix, summarize_keys,
                                 trained_weights)
 
 log = logging.getLogger(__name__)
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.")
+# the model names of MAE's and the UniEmoX reference code's `args.model` -> this project's presets
+REFERENCE_MODELS = {"vit_base_patch16": "vit_b16", "vit_large_patch16": "vit_l16", "vit_huge_patch14": "vit_h14"}
 
 
 def build_vit(arch: MAEArch, num_classes: int, img_size: Optional[int] = None, drop_path: float = 0.0
@@ -69,7 +72,9 @@ def check_arch_fits(state: Dict[str, torch.Tensor], arch: MAEArch, path: Path) -
 
 def read_encoder_source(source: str, preset: str) -> Tuple[Dict[str, torch.Tensor], MAEArch, str]:
     """(state dict, architecture, kind) from a safetensors export, one of our checkpoints or run directories, or
-    an official MAE .pth (whose architecture is `preset`)."""
+    a reference .pth written by MAE's `misc.save_model` (kind 'mae' for an encoder or MAE pretraining,
+    'reference-classifier' for a fine-tuned models_vit classifier; architecture from its `args.model`, else
+    `preset`)."""
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"encoder checkpoint not found: {path}")
@@ -83,9 +88,11 @@ def read_encoder_source(source: str, preset: str) -> Tuple[Dict[str, torch.Tenso
             return state, arch, "pretrain-safetensors" if meta["format"] == "uniemox-pretrain" else "export"
         return state, get_arch(preset), "safetensors"
     if path.is_file() and path.name != STATE_FILE:
-        raw = safe_torch_load(path)
-        if isinstance(raw, dict) and "schema_version" not in raw:
-            return raw.get("model", raw), get_arch(preset), "mae"  # official MAE release: {'model': ...}
+        raw = safe_torch_load(path, allowed=REFERENCE_GLOBALS)
+        if not (isinstance(raw, dict) and "schema_version" in raw):  # MAE / UniEmoX reference: {'model', 'args'}
+            state, args = reference_parts(raw, path)
+            kind = "reference-classifier" if "head.weight" in state else "mae"
+            return state, reference_arch(args, preset, path), kind
     state_file = find_checkpoint(path) / STATE_FILE
     raw = safe_torch_load(state_file)
     check_schema(raw, state_file)
@@ -93,6 +100,17 @@ def read_encoder_source(source: str, preset: str) -> Tuple[Dict[str, torch.Tenso
     if arch:  # one of our fine-tuning checkpoints: timm names, its architecture stored in its TrainState
         return trained_weights(raw), MAEArch(**arch), "finetune"
     return trained_weights(raw), _arch_from_config(raw.get("config", {}).get("model", {})), "pretrain"
+
+
+def reference_arch(args: Dict, preset: str, path: Path) -> MAEArch:
+    """The architecture a reference checkpoint's `args` name (`model`, `input_size`), else `preset`."""
+    name = str(args.get("model") or "")
+    name = name[4:] if name.startswith("mae_") else name  # main_pretrain's models_mae names
+    if name and name not in REFERENCE_MODELS:
+        raise CheckpointError(f"{path}: args.model {name!r} is not one of the reference's ViTs "
+                              f"({', '.join(REFERENCE_MODELS)})")
+    size = args.get("input_size")
+    return get_arch(REFERENCE_MODELS.get(name, preset), img_size=size if isinstance(size, int) else None)
 
 
 def to_timm_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -108,7 +126,9 @@ def to_timm_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def load_encoder(model: VisionTransformer, state: Dict[str, torch.Tensor], source: str) -> None:
     """Load encoder weights (position embeddings resampled to the model's grid); the missing keys must be exactly
     the new head's, and every shape must match — otherwise a CheckpointError lists the offending keys."""
-    state = to_timm_keys(state)
+    given = strip_prefix(state)
+    state = to_timm_keys(given)
+    ignored = sorted(k for k in given if not (k[4:] if k.startswith("mae.") else k).startswith(ENCODER_PREFIXES))
     own = model.state_dict()
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape \
             and state["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
@@ -126,7 +146,37 @@ def load_encoder(model: VisionTransformer, state: Dict[str, torch.Tensor], sourc
             f"{unexpected[:6]}, missing keys {[k for k in missing if k not in head_keys][:6]} (expected only the "
             f"head's {head_keys}); is encoder.preset the checkpoint's architecture?")
     model.load_state_dict(state, strict=False)
-    log.info("encoder weights loaded from %s (%d tensors); new head: %s", source, len(state), head_keys)
+    log.info("encoder weights loaded from %s (%d tensors); new head: %s; ignored (not the encoder's): %s", source,
+             len(state), head_keys, summarize_keys(ignored))
+
+
+def load_classifier(model: VisionTransformer, state: Dict[str, torch.Tensor], source: str) -> List[str]:
+    """A fine-tuned classifier's weights into build_vit's model, strictly, except for the `norm.*` LayerNorm that
+    MAE's models_vit keeps but never uses when it pools (its forward applies fc_norm to the mean token). Returns
+    the keys it ignored; a head that does not fit the dataset's classes or any other misfit is a CheckpointError
+    naming the keys."""
+    state = strip_prefix(state)
+    own = model.state_dict()
+    ignored = sorted(k for k in state if k.startswith("norm.") and k not in own)
+    if "fc_norm.weight" not in state and ignored:
+        raise CheckpointError(f"{source}: a classifier with no fc_norm pools the class token (models_vit with "
+                              f"global_pool=False); only global-pool classifiers (the reference's default) load here")
+    state = {k: v for k, v in state.items() if k not in ignored}
+    head = state.get("head.weight")
+    if head is not None and head.shape[0] != own["head.weight"].shape[0]:
+        raise CheckpointError(f"{source}: its head has {head.shape[0]} outputs, the dataset has "
+                              f"{own['head.weight'].shape[0]} classes: is it a classifier of this dataset?")
+    mismatched = [f"{k} (checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)})"
+                  for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if mismatched or missing or unexpected:
+        raise CheckpointError(f"{source} does not fit this classifier ({model.embed_dim} wide, {len(model.blocks)} "
+                              f"blocks): mismatched shapes {mismatched[:6]}, missing keys {missing[:6]}, unexpected "
+                              f"keys {unexpected[:6]}")
+    model.load_state_dict(state)
+    log.info("classifier loaded from %s (%d tensors); ignored: %s; lacking: none", source, len(state),
+             ", ".join(ignored) or "none")
+    return ignored
 
 
 def create_encoder(cfg, num_outputs: int) -> Tuple[VisionTransformer, MAEArch, str]:

@@ -18,13 +18,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from finetune.encoder import arch_from_metadata, read_encoder_source, to_timm_keys
+from data_tools.registry import SINGLE_LABEL, get_dataset
+from finetune.encoder import arch_from_metadata, build_vit, load_classifier, read_encoder_source, to_timm_keys
 from pretrain.mae import MAEArch, arch_metadata
 from data_tools.images import IMAGENET_MEAN, IMAGENET_STD
 from runtime.atomic import atomic_save_safetensors
 from runtime.checkpoint import CheckpointError
 from runtime.cli import HelpFormatter, with_one_line_errors
 
+REFERENCE_CROP_PCT = 224 / 256  # MAE's evaluation transform: resize to 256, centre crop 224
 TIMM_BASE = "vit_base_patch16_224"  # any timm ViT name works: the model arguments below define the architecture
 
 
@@ -72,21 +74,65 @@ def classifier_bundle(run_dir: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
     metrics = json.loads(metrics_file.read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * arch.patch_size
-    meta = {"format": "uniemox-classifier", "source": str(run), "num_classes": str(len(metrics["classes"])),
-            "classes": json.dumps(metrics["classes"]), "task": metrics["task"], "dataset": metrics["dataset"],
-            **arch_metadata(arch),
-            "timm_model_args": json.dumps(timm_model_args(arch, img_size)),
-            "transform": json.dumps({"input_size": img_size, "crop_pct": cfg["aug"]["crop_pct"],
-                                     "interpolation": "bicubic", "mean": list(IMAGENET_MEAN),
-                                     "std": list(IMAGENET_STD)}),
-            "timm_pretrained_cfg": json.dumps(timm_pretrained_cfg(img_size, len(metrics["classes"]),
-                                                                  cfg["aug"]["crop_pct"])),
-            "test_metrics": json.dumps({k: v for k, v in metrics["test"].items() if isinstance(v, float)})}
+    meta = classifier_meta(arch, img_size, metrics["classes"], metrics["task"], metrics["dataset"],
+                           cfg["aug"]["crop_pct"], str(run))
+    meta["test_metrics"] = json.dumps({k: v for k, v in metrics["test"].items() if isinstance(v, float)})
     return state, meta
 
 
-def export_classifier(run_dir: str, out: str) -> Path:
-    state, meta = classifier_bundle(run_dir)
+def classifier_meta(arch: MAEArch, img_size: int, classes: Sequence[str], task: str, dataset: str, crop_pct: float,
+                    source: str) -> Dict[str, str]:
+    """The metadata of an exported classifier: what predict, eval and timm need besides the weights."""
+    return {"format": "uniemox-classifier", "source": source, "num_classes": str(len(classes)),
+            "classes": json.dumps(list(classes)), "task": task, "dataset": dataset, **arch_metadata(arch),
+            "timm_model_args": json.dumps(timm_model_args(arch, img_size)),
+            "transform": json.dumps({"input_size": img_size, "crop_pct": crop_pct, "interpolation": "bicubic",
+                                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}),
+            "timm_pretrained_cfg": json.dumps(timm_pretrained_cfg(img_size, len(classes), crop_pct))}
+
+
+def reference_bundle(path: str, classes: Sequence[str], task: str = SINGLE_LABEL
+                     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """A reference (MAE / UniEmoX models_vit) fine-tuned classifier .pth and the metadata it lacks: the classes
+    (its head's order is the dataset's), the task and MAE's evaluation transform."""
+    state, arch, kind = read_encoder_source(path, "vit_b16")
+    if kind != "reference-classifier":
+        raise CheckpointError(f"{path} is not a fine-tuned classifier (no head.weight): give a fine-tuning run, an "
+                              f"exported classifier or a reference classifier .pth")
+    model = build_vit(arch, len(classes))
+    load_classifier(model, state, path)  # checks the head fits the classes; drops the unused norm.*
+    meta = classifier_meta(arch, arch.img_size, classes, task, dataset="", crop_pct=REFERENCE_CROP_PCT,
+                           source=path)
+    return model.state_dict(), meta
+
+
+def classifier_state(checkpoint: str, classes: Optional[Sequence[str]] = None, task: str = SINGLE_LABEL
+                     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(weights, metadata) of a classifier: a run directory with best.safetensors, an exported classifier, or
+    (given the classes) a reference .pth."""
+    path = Path(checkpoint)
+    if path.is_dir() and (path / "best.safetensors").is_file():
+        state, meta = classifier_bundle(str(path))
+    elif path.suffix == ".safetensors" and path.is_file():
+        state, meta = read_export(str(path))
+    elif path.is_file() and path.suffix in (".pth", ".pt", ".bin"):
+        if classes is None:
+            raise CheckpointError(f"{checkpoint}: a reference .pth does not name its classes: pass --dataset NAME "
+                                  f"(a registered benchmark) so its head's outputs can be named")
+        state, meta = reference_bundle(str(path), classes, task)
+    else:
+        raise CheckpointError(f"{checkpoint}: expected a fine-tuning run (with best.safetensors), an exported "
+                              f"classifier .safetensors or a reference classifier .pth; a pretraining checkpoint "
+                              f"has no classification head (use --zero-shot --labels FILE)")
+    if meta["format"] != "uniemox-classifier" or "head.weight" not in state:
+        raise CheckpointError(f"{checkpoint} has no classification head (an encoder export): use --zero-shot "
+                              f"--labels FILE with its pretraining run, or fine-tune it first")
+    return state, meta
+
+
+def export_classifier(checkpoint: str, out: str, classes: Optional[Sequence[str]] = None,
+                      task: str = SINGLE_LABEL) -> Path:
+    state, meta = classifier_state(checkpoint, classes, task)
     return atomic_save_safetensors(state, Path(out), meta)
 
 
@@ -102,11 +148,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("source", help="a fine-tuning run (classifier) or a pretraining run/checkpoint/MAE file")
     parser.add_argument("--out", required=True, help="the .safetensors file to write")
-    parser.add_argument("--preset", default="vit_b16", help="architecture of an official MAE .pth")
+    parser.add_argument("--preset", default="vit_b16", help="architecture of an official MAE .pth without args")
+    parser.add_argument("--dataset", help="a reference classifier .pth: the registered benchmark its head was "
+                                          "trained on (names its outputs)")
     args = parser.parse_args(argv)
-    is_finetune_run = (Path(args.source) / "best.safetensors").is_file()
-    return with_one_line_errors(lambda: report(export_classifier(args.source, args.out) if is_finetune_run else
-                                               export_encoder(args.source, args.out, args.preset)))
+
+    def export() -> Path:
+        if (Path(args.source) / "best.safetensors").is_file():
+            return export_classifier(args.source, args.out)
+        if args.dataset:
+            spec = get_dataset(args.dataset)
+            return export_classifier(args.source, args.out, spec.classes, spec.task)
+        return export_encoder(args.source, args.out, args.preset)
+    return with_one_line_errors(lambda: report(export()))
 
 
 def report(path: Path) -> int:

@@ -5,7 +5,8 @@
         --teacher-checkpoint /models/clip_b16.bin photos/ --out preds.jsonl
 
 IMAGES are files, folders (searched recursively for image files), glob patterns or shards (.tar). The checkpoint
-is a fine-tuning run directory or a classifier exported by finetune.export; its own evaluation transform is used.
+is a fine-tuning run directory, a classifier exported by finetune.export, or a reference (MAE / UniEmoX
+models_vit) fine-tuned classifier .pth with --dataset naming its benchmark; its own evaluation transform is used.
 One row per input: top-k labels with probabilities (sigmoid scores for multi-label heads, valence/arousal for
 regression heads), or the reason it could not be read.
 """
@@ -24,10 +25,9 @@ from timm.data import create_transform
 from tqdm import tqdm
 
 from data_tools.images import ImageError, decode_image, read_file
-from data_tools.registry import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+from data_tools.registry import MULTI_LABEL, REGRESSION, SINGLE_LABEL, get_dataset
 from data_tools.splits import IMAGE_EXTENSIONS
 from data_tools.tars import read_tar
-from finetune.encoder import arch_from_metadata, build_vit, check_arch_fits
 from pretrain.teacher import make_teacher
 from pretrain.teacher_cli import add_teacher_args, teacher_config_from_args
 from runtime.atomic import atomic_write_text
@@ -69,32 +69,13 @@ def iter_inputs(items: Sequence[str]) -> Iterator[Tuple[str, Optional[bytes], Op
 
 
 class Predictor:
-    """A classifier with its class names, task and evaluation transform."""
+    """A classifier with its class names, task and evaluation transform (classes and task: for a reference .pth,
+    which names neither)."""
 
-    def __init__(self, checkpoint: str):
-        from finetune.export import classifier_bundle, read_export
-        path = Path(checkpoint)
-        if path.is_dir() and (path / "best.safetensors").is_file():
-            state, meta = classifier_bundle(str(path))
-        elif path.suffix == ".safetensors" and path.is_file():
-            state, meta = read_export(str(path))
-        else:
-            raise CheckpointError(f"{checkpoint}: expected a fine-tuning run (with best.safetensors) or an exported "
-                                  f"classifier .safetensors; a pretraining checkpoint has no classification head "
-                                  f"(use --zero-shot --labels FILE)")
-        if meta["format"] != "uniemox-classifier" or "head.weight" not in state:
-            raise CheckpointError(f"{checkpoint} has no classification head (an encoder export): use --zero-shot "
-                                  f"--labels FILE with its pretraining run, or fine-tune it first")
-        self.classes: List[str] = json.loads(meta["classes"])
-        self.task = meta["task"]
-        tf = json.loads(meta["transform"])
-        arch = arch_from_metadata(meta, path)
-        check_arch_fits(state, arch, path)
-        self.model = build_vit(arch, len(self.classes), tf["input_size"])
-        self.model.load_state_dict(state)
-        self.model.eval()
-        self.transform = create_transform(tf["input_size"], is_training=False, interpolation=tf["interpolation"],
-                                          crop_pct=tf["crop_pct"], mean=tuple(tf["mean"]), std=tuple(tf["std"]))
+    def __init__(self, checkpoint: str, classes: Optional[Sequence[str]] = None, task: str = SINGLE_LABEL):
+        from finetune.classifier import open_classifier
+        clf = open_classifier(checkpoint, classes, task)
+        self.model, self.classes, self.task, self.transform = clf.model, clf.classes, clf.task, clf.transform
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor) -> torch.Tensor:
@@ -177,6 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("images", nargs="+")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", help=".csv or .jsonl (default: CSV on standard output)")
+    parser.add_argument("--dataset", help="a reference classifier .pth: the registered benchmark its head was "
+                                          "trained on (names its outputs)")
     parser.add_argument("--topk", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--zero-shot", action="store_true", help="rank --labels by the distilled CLIP embedding")
@@ -198,7 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             teacher = make_teacher(teacher_config_from_args(args, teacher_cfg))
             predictor = ZeroShotPredictor(args.checkpoint, args.labels, teacher, resolve_templates(args.templates))
         else:
-            predictor = Predictor(args.checkpoint)
+            spec = get_dataset(args.dataset) if args.dataset else None
+            predictor = Predictor(args.checkpoint, spec and spec.classes, spec.task if spec else SINGLE_LABEL)
         rows = predict(predictor, args.images, args.topk, args.batch_size)
     except bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)

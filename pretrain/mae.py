@@ -11,7 +11,8 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from runtime.checkpoint import CheckpointError, load_model_state, safe_torch_load
+from runtime.checkpoint import (CheckpointError, load_model_state, load_reference_checkpoint,
+                                summarize_keys)
 from runtime.flops import patch_embed_flops, transformer_flops
 
 log = logging.getLogger(__name__)
@@ -246,13 +247,13 @@ def load_mae_checkpoint(model: nn.Module, source: Union[str, Path, Dict[str, tor
     if isinstance(source, (str, Path)):
         if not Path(source).is_file():
             raise CheckpointError(f"MAE checkpoint not found: {source}")
-        state = safe_torch_load(source)
+        state = load_reference_checkpoint(source)[0]  # MAE's {'model', 'optimizer', 'epoch', 'scaler', 'args'}
     else:
-        state = source
-    state = state.get("model", state)
+        state = source.get("model", source)
     has_decoder = any(k.startswith(DECODER_PREFIXES) for k in state)
     allowed = [] if has_decoder else decoder_keys(model)
     load_model_state(model, state, strict=True, allowed_missing=allowed)
     parts = "encoder+decoder" if has_decoder else "encoder"
-    log.info("loaded MAE %s weights (%d tensors)", parts, len(state))
+    log.info("loaded MAE %s weights (%d tensors); lacking (initialised fresh): %s; ignored: none", parts, len(state),
+             summarize_keys(allowed))
     return parts

@@ -1,4 +1,5 @@
 """Step-based checkpoint store: atomic directories, an atomic `latest` pointer, keep-last-k plus milestones."""
+import argparse
 import errno
 import logging
 import os
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 
 FULL_DISK_BYTES = 1 << 20  # a failed write that leaves less free than this ran out of space
 
+REFERENCE_GLOBALS = (argparse.Namespace,)  # what MAE's misc.save_model pickles beyond plain data (its `args`)
 SCHEMA_VERSION = 1          # bump when the layout of the state dict changes; older versions stay loadable
 STATE_FILE = "state.pt"
 LATEST = "latest"
@@ -213,6 +215,26 @@ def safe_torch_load(path: Union[str, Path], allowed: Sequence[type] = ()) -> Any
                               f"Only load files you trust; re-save them as plain state dicts or safetensors") from None
 
 
+def load_reference_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(weights, args) of a checkpoint written by MAE's `misc.save_model` (and the UniEmoX reference code built on
+    it): `{'model', 'optimizer', 'epoch', 'scaler', 'args'}` with `args` a pickled argparse.Namespace, the one
+    class allowed beyond plain data; a bare state dict (no 'model') is read as the weights. The other entries are
+    ignored."""
+    return reference_parts(safe_torch_load(path, allowed=REFERENCE_GLOBALS), path)
+
+
+def reference_parts(raw: Any, path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(weights, args as a dict) of a loaded reference checkpoint (see load_reference_checkpoint)."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: holds a {type(raw).__name__}, expected a dict of tensors or MAE's "
+                              f"{{'model': ..., 'args': ...}}")
+    weights = raw.get("model", raw)
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise CheckpointError(f"{path}: its 'model' entry is not a dict of tensors")
+    args = raw.get("args")
+    return weights, vars(args) if hasattr(args, "__dict__") else dict(args or {})
+
+
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     """Load a checkpoint's state dict safely (weights_only) and check its schema version."""
     ckpt_dir = find_checkpoint(path)
@@ -247,6 +269,14 @@ def strip_prefix(state_dict: Dict[str, Any], prefixes: Sequence[str] = ("module.
 def trained_weights(state: Dict[str, Any]) -> Dict[str, Any]:
     """The weights a checkpoint stands for: its EMA's when the run kept one (train.ema_decay), else the model's."""
     return (state.get("states") or {}).get("ema") or state["model"]
+
+
+def summarize_keys(keys: Iterable[str]) -> str:
+    """Key names grouped by their first part ('decoder_blocks.* (96)'), for load reports."""
+    groups: Dict[str, int] = {}
+    for k in keys:
+        groups[k.split(".")[0]] = groups.get(k.split(".")[0], 0) + 1
+    return ", ".join(g if g in keys else f"{g}.* ({n})" for g, n in groups.items()) or "none"
 
 
 def load_model_state(model: torch.nn.Module, state_dict: Dict[str, Any], strict: bool = True,
