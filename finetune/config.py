@@ -47,7 +47,7 @@ class AugmentConfig:
 @dataclass
 class FinetuneTrainConfig:
     epochs: int = bounded(100, 1)
-    mode: Literal["finetune", "linear_probe"] = "finetune"
+    mode: Literal["finetune", "linear_probe", "eval"] = "finetune"  # eval: score encoder.checkpoint, no training
     layer_decay: float = bounded(0.75, 0, 1, open_low=True)  # layer-wise lr decay (the reference ignored it)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # see pretrain.config
     max_nonfinite: int = bounded(3, 1)
@@ -76,9 +76,12 @@ class FinetuneConfig(LabelledJobConfig):
     def validate(self) -> None:
         """The rules between keys, checked when the config is built."""
         self.encoder.validate()  # also where the encoder section was left out (its defaults are not built)
-        if self.train.mode == "linear_probe" and self.train.ema_decay is not None:
-            raise ConfigError("train.ema_decay has no meaning for train.mode=linear_probe (the encoder is frozen): "
-                              "unset train.ema_decay")
+        if self.train.mode in ("linear_probe", "eval") and self.train.ema_decay is not None:
+            raise ConfigError(f"train.ema_decay has no meaning for train.mode={self.train.mode} (nothing is "
+                              f"trained by SGD): unset train.ema_decay")
+        if self.train.mode == "eval" and not self.encoder.checkpoint:
+            raise ConfigError("train.mode=eval (--eval) scores a trained classifier: give it as --checkpoint "
+                              "(encoder.checkpoint)")
 
 
 @dataclass

@@ -1,12 +1,9 @@
 """The fine-tuning loop: MAE's recipe (layer decay, Mixup/CutMix, RandAugment), evaluation every epoch, the
 best-validation weights kept and tested at the end."""
-import csv
 import dataclasses
-import io
 import logging
 from typing import Any, Dict
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from timm.data import Mixup
@@ -15,40 +12,21 @@ from timm.optim import param_groups_layer_decay
 from data_tools.registry import SINGLE_LABEL
 from finetune.data import LabelledTransform, make_transforms
 from finetune.encoder import create_encoder
-from finetune.labelled_job import LabelledJob, predict_split
+from finetune.analysis import write_analysis
+from finetune.labelled_job import LabelledJob
+from finetune.predictions import predict_split
 from finetune.losses import make_criterion
 from finetune.metrics import PRIMARY, compute_metrics
 from pretrain.mae import arch_metadata
 from runtime import distributed
-from runtime.atomic import atomic_save_safetensors, atomic_write_bytes, atomic_write_text
+from runtime.atomic import atomic_save_safetensors
 from runtime.device import compile_blocks
 from runtime.metric_logger import MetricLogger
 from runtime.training import JobParts, TrainState
 
 log = logging.getLogger("finetune")
 BEST = "best.safetensors"
-
-
-def confusion_image(cm, classes) -> torch.Tensor:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-    cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(classes), 1 + 0.5 * len(classes)), dpi=80)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set_xlabel("predicted"), ax.set_ylabel("true")
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    arr = np.asarray(Image.open(buf).convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+THUMBNAILS = 1000  # test images kept small for the projector and the gallery of mistakes
 
 
 class Finetuning(LabelledJob):
@@ -86,12 +64,15 @@ class Finetuning(LabelledJob):
         return self.criterion(model(images), targets), {}, None
 
     def evaluate(self, split: str, save_predictions: bool = False) -> Dict[str, Any]:
-        outputs, targets, keys = predict_split(self.eval_module, self.eval_split(split), self.device, self.precision)
-        if save_predictions and self.env.is_main:  # for error analysis, and to recompute any metric
-            buf = io.BytesIO()
-            np.savez(buf, outputs=outputs, targets=targets, keys=np.array(keys))
-            atomic_write_bytes(self.run_dir / f"predictions_{split}.npz", buf.getvalue())
-        return compute_metrics(self.task, outputs, targets, self.info.classes)
+        """Metrics of one split; with save_predictions (the test at the end) also its predictions, features and
+        thumbnails, kept for write_results."""
+        pred = predict_split(self.eval_module, self.eval_split(split), self.device, self.precision,
+                             features=save_predictions, thumbnails=THUMBNAILS if save_predictions else 0)
+        if save_predictions:
+            self.test_predictions = pred
+            if self.env.is_main:  # for error analysis, and to recompute any metric
+                pred.save(self.run_dir / f"predictions_{split}.npz")
+        return compute_metrics(self.task, pred.outputs, pred.targets, self.info.classes)
 
     def run_metadata(self) -> Dict[str, Any]:
         return {"dataset": self.info.name, "task": self.task, "encoder_source": self.source,
@@ -120,13 +101,7 @@ class Finetuning(LabelledJob):
                 "val": state.best["val"], "test": test}
 
     def write_results(self, state: TrainState, test: Dict[str, Any], logger: MetricLogger) -> None:
-        """The confusion matrix (CSV, TensorBoard)."""
-        if self.task == SINGLE_LABEL:
-            rows = [["true\\predicted", *self.info.classes]] + [[c, *r] for c, r in
-                                                                zip(self.info.classes, test["confusion"])]
-            buf = io.StringIO()
-            csv.writer(buf).writerows(rows)
-            atomic_write_text(self.run_dir / "confusion_test.csv", buf.getvalue())
-            logger.image("test/confusion", confusion_image(test["confusion"], self.info.classes), state.step)
+        """The confusion matrix (CSV, PNG, TensorBoard), the gallery of mistakes, the embeddings."""
+        write_analysis(self.run_dir, self.test_predictions, test, self.task, self.info.classes, logger, state.step)
         log.info("test %s %.4f (best val %.4f at epoch %s)", self.primary, test[self.primary], state.best["metric"],
                  state.best["epoch"])

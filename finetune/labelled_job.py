@@ -3,38 +3,15 @@ epoch with the best weights kept, and the best tested at the end (fine-tuning an
 import logging
 from typing import Any, Callable, Dict, Optional
 
-import numpy as np
-import torch
-
 from data_tools.registry import SINGLE_LABEL
 from finetune.data import eval_loader, resolve_dataset, train_loader
 from runtime import distributed
 from runtime.atomic import atomic_write_json
 from runtime.guard import StopRequest
 from runtime.metric_logger import MetricLogger
-from runtime.precision import autocast
 from runtime.training import TrainingJob, TrainState
 
 log = logging.getLogger("finetune")
-
-
-@torch.no_grad()
-def predict_split(model: torch.nn.Module, loader, device: torch.device, precision: str):
-    """(outputs, targets, keys) of one split, gathered from every rank (each sample was read by one rank)."""
-    was_training = model.training
-    model.eval()
-    outputs, targets, keys = [], [], []
-    if loader is not None:
-        for batch in loader:
-            with autocast(precision, device):
-                out = model(batch["image"].to(device, non_blocking=True))
-            outputs.append(out.float().cpu())
-            targets.append(torch.as_tensor(batch["target"]).float())
-            keys += list(batch["key"])
-    model.train(was_training)
-    local = (torch.cat(outputs).numpy() if outputs else None, torch.cat(targets).numpy() if targets else None, keys)
-    parts = [p for p in distributed.all_gather_object(local) if p[0] is not None]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), sum((p[2] for p in parts), [])
 
 
 class LabelledJob(TrainingJob):

@@ -13,9 +13,11 @@ from data_tools.registry import MULTI_LABEL, SINGLE_LABEL, Task
 from finetune.config import FinetuneConfig
 from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
 from finetune.encoder import create_encoder
-from finetune.engine import BEST
+from finetune.analysis import write_analysis
+from finetune.engine import BEST, THUMBNAILS
 from finetune.losses import ccc_loss
 from finetune.metrics import PRIMARY, compute_metrics
+from finetune.predictions import SplitPredictions, predict_split
 from runtime import distributed
 from pretrain.mae import arch_metadata
 from runtime.atomic import atomic_save_safetensors, atomic_write_json
@@ -23,27 +25,11 @@ from runtime.checkpoint import CheckpointStore
 from runtime.config import config_to_yaml
 from runtime.device import resolve_device, with_loader_workers
 from runtime.metric_logger import MetricLogger
-from runtime.precision import autocast, resolve_precision
+from runtime.precision import resolve_precision
 from runtime.run_dir import check_same_run, record_run
 from runtime.seeding import seed_everything
 
 log = logging.getLogger("finetune.linear_probe")
-
-
-@torch.no_grad()
-def extract_features(model, loader, device, precision):
-    """Pooled features (before the head) and targets of one split, gathered from every rank."""
-    model.eval()
-    feats, targets = [], []
-    if loader is not None:
-        for batch in loader:
-            with autocast(precision, device):
-                tokens = model.forward_features(batch["image"].to(device))
-                feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())
-            targets.append(torch.as_tensor(batch["target"]).float())
-    local = (torch.cat(feats) if feats else None, torch.cat(targets) if targets else None)
-    parts = [p for p in distributed.all_gather_object(local) if p[0] is not None]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def probe_loss(task: Task, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -105,8 +91,10 @@ class LinearProbe:
                     task=info.task, encoder_source=self.source, mode="linear_probe")
         _, eval_tf = make_transforms(self.model.patch_embed.img_size[0], cfg.aug)
         transform = LabelledTransform(eval_tf, info.task, len(info.classes))
-        feats = {s: extract_features(self.model, eval_loader(info, s, transform, cfg.data), self.device,
-                                     self.precision) for s in ("train", "val", "test")}
+        preds = {s: predict_split(self.model, eval_loader(info, s, transform, cfg.data), self.device, self.precision,
+                                  features=True, thumbnails=THUMBNAILS if s == "test" else 0)
+                 for s in ("train", "val", "test")}
+        feats = {s: (torch.from_numpy(p.features), torch.from_numpy(p.targets)) for s, p in preds.items()}
         primary = PRIMARY[info.task]
         result: Dict[str, Any] = {}
         if self.env.is_main:  # the probes are small: rank 0 trains them all
@@ -125,7 +113,8 @@ class LinearProbe:
                       "val": val[best], "test": test, "classes": info.classes, "stopped": False}
             self.save_classifier(weight[best], bias[best], val[best][primary])
             atomic_write_json(self.run_dir / "metrics.json", result)
-            self.write_tensorboard(result, val)
+            preds["test"].outputs = outputs("test", best)
+            self.write_tensorboard(result, val, preds["test"])
             log.info("linear probe: best lr %g, val %s %.4f, test %.4f", result["best_lr"], primary,
                      val[best][primary], test[primary])
         return distributed.broadcast_object(result)
@@ -138,12 +127,14 @@ class LinearProbe:
         atomic_save_safetensors(state, self.run_dir / BEST, {"step": "0", PRIMARY[self.info.task]: str(val_metric),
                                                              **arch_metadata(self.arch)})
 
-    def write_tensorboard(self, result: Dict[str, Any], val: List[Dict[str, Any]]) -> None:
-        """tb/ as fine-tuning writes it: the config, val and test of the chosen head, and val for every lr."""
+    def write_tensorboard(self, result: Dict[str, Any], val: List[Dict[str, Any]], test: SplitPredictions) -> None:
+        """tb/ as fine-tuning writes it: the config, val and test of the chosen head, val for every lr; the
+        confusion matrix, the mistakes and the embeddings of the test split."""
         primary = result["primary_metric"]
         logger = MetricLogger(self.run_dir / "tb")
         logger.text("config", "```\n" + config_to_yaml(self.cfg) + "```")
         logger.write_scalars(0, {f"val/{primary}": result["val"][primary], f"test/{primary}": result["test"][primary],
                                  **{f"probe/val_{primary}_lr_{lr:g}": m[primary]
                                     for lr, m in zip(self.cfg.train.probe_lrs, val)}})
+        write_analysis(self.run_dir, test, result["test"], self.info.task, self.info.classes, logger, 0)
         logger.close()

@@ -1,4 +1,6 @@
-"""Fine-tuning entry point: `torchrun finetune/main.py --dataset FI --checkpoint runs/pre [key=value ...]`."""
+"""Fine-tuning entry point: `torchrun finetune/main.py --dataset FI --checkpoint runs/pre [key=value ...]`; with
+--eval, `--checkpoint` is a trained classifier (a fine-tuning run, an export, a reference .pth) scored on val and
+test without training."""
 import argparse
 import logging
 import sys
@@ -21,7 +23,10 @@ log = logging.getLogger("finetune")
 
 def finetune(cfg: FinetuneConfig, stop: StopRequest) -> int:
     env = init_distributed_for("ddp", cfg.run.dist_timeout_s, cfg.run.device, cfg.train.precision)
-    if cfg.train.mode == "linear_probe":
+    if cfg.train.mode == "eval":
+        from finetune.evaluate import Evaluation
+        Evaluation(cfg, env).run()
+    elif cfg.train.mode == "linear_probe":
         from finetune.linear_probe import LinearProbe
         LinearProbe(cfg, env).run()
     else:
@@ -36,7 +41,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune/main.py", description=__doc__)
     shortcuts = shortcut_flags(parser, {
         "--dataset": "data.dataset", "--data": "data.root", "--checkpoint": "encoder.checkpoint",
-        "--from-scratch": "encoder.from_scratch=true", "--linear-probe": "train.mode=linear_probe"})
+        "--from-scratch": "encoder.from_scratch=true", "--linear-probe": "train.mode=linear_probe",
+        "--eval": "train.mode=eval"})
     return run_job(FinetuneConfig, argv, __doc__, log, finetune,
                    expected=(UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError,
                              DeviceError), parser=parser, shortcuts=shortcuts)

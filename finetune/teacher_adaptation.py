@@ -14,7 +14,8 @@ from torch import nn
 from data_tools.registry import REGRESSION, SINGLE_LABEL
 from data_tools.text import label_text
 from finetune.data import LabelledTransform, make_transforms
-from finetune.labelled_job import LabelledJob, predict_split
+from finetune.labelled_job import LabelledJob
+from finetune.predictions import predict_split
 from finetune.metrics import compute_metrics
 from finetune.zeroshot import label_embeddings, resolve_templates
 from pretrain.cache_teacher import center_view
@@ -128,10 +129,9 @@ class TeacherAdaptation(LabelledJob):
         was_training = self.teacher.model.training
         self.teacher.model.eval()
         text = label_embeddings(self.teacher, self.info.classes, self.templates)
-        scores, targets, _ = predict_split(ZeroShotHead(self.teacher, text), self.eval_split(split), self.device,
-                                           "fp32")
+        pred = predict_split(ZeroShotHead(self.teacher, text), self.eval_split(split), self.device, "fp32")
         self.teacher.model.train(was_training)
-        return compute_metrics(SINGLE_LABEL, scores, targets, self.info.classes)
+        return compute_metrics(SINGLE_LABEL, pred.outputs, pred.targets, self.info.classes)
 
     def run_metadata(self) -> Dict[str, Any]:
         return {"dataset": self.info.name, "task": self.task, "teacher": self.source,
