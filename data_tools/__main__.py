@@ -1,4 +1,4 @@
-"""Command line: python -m data_tools {shard-folder, shard-emoset, crawl, idx-to-folder, verify} ..."""
+"""Command line: python -m data_tools {shard-folder, shard-emoset, shard-emotic, crawl, idx-to-folder, verify} ..."""
 import argparse
 import functools
 import json
@@ -51,6 +51,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--name", default="EmoSet")
     _image_args(p, min_shards=8)
 
+    p = sub.add_parser("shard-emotic", help="EMOTIC: one sample per annotated person, its box as person crop")
+    p.add_argument("src", help="EMOTIC root: Annotations/Annotations.mat (or emotic_pre/{train,val,test}.csv) and "
+                               "the image folders (emotic/mscoco/images, ...)")
+    p.add_argument("--annotations", help="Annotations.mat, or the folder with train.csv/val.csv/test.csv, "
+                                         "elsewhere than under SRC")
+    p.add_argument("--name", default="EMOTIC")
+    _image_args(p, min_shards=8)
+
     p = sub.add_parser("crawl", help="download a URL list into shards")
     p.add_argument("annotations", help="CSV/TSV/parquet/JSONL with a url column (or FindingEmo's image_path)")
     p.add_argument("--name", default="web", help="dataset name recorded in each sample")
@@ -92,6 +100,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from data_tools.emoset import shard_emoset
             info = shard_emoset(args.src, args.out, shard_size=args.shard_size, min_shards=args.min_shards,
                                 workers=args.workers, options=_options(args), name=args.name)
+            print(json.dumps(info["splits"], indent=1))
+        elif args.command == "shard-emotic":
+            from data_tools.emotic import shard_emotic
+            info = shard_emotic(args.src, args.out, annotations=args.annotations, shard_size=args.shard_size,
+                                min_shards=args.min_shards, workers=args.workers, options=_options(args),
+                                name=args.name)
             print(json.dumps(info["splits"], indent=1))
         elif args.command == "crawl":
             from data_tools.crawl import crawl

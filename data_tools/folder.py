@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 from data_tools.images import read_file
 from data_tools.registry import DatasetSpec, generic_spec, get_dataset
 from data_tools.samples import ImageOptions, SampleBuilder
-from data_tools.splits import SPLITS, discover, write_split_lists
+from data_tools.splits import SPLITS, DatasetLayoutError, discover, write_split_lists
 from data_tools.writer import finalize_split, plan_shards, run_shard_tasks, write_info
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ def shard_folder(name: str, src: str, out: str, *, seed: int = 0, shard_size: in
         spec: DatasetSpec = generic_spec(name, classes, ratios)
     else:
         spec = get_dataset(name)
+        if spec.name == "EMOTIC":
+            raise DatasetLayoutError("EMOTIC is not a class-folder tree: shard it with `python -m data_tools "
+                                     "shard-emotic SRC --out DIR` (its annotations, one sample per person)")
     builder = SampleBuilder(spec.name, spec.classes, options)  # checks the detector spec before any work
     splits = discover(src_path, spec, seed, Path(split_files) if split_files else None)
     write_split_lists(out_path, splits, spec)

@@ -15,6 +15,11 @@ UNLABELLED = "unlabelled"  # the task info.json records for crawled shards: pret
 SplitRule = Literal["per_class", "per_group", "official_test_split", "files"]
 
 MIKELS8 = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
+# EMOTIC's 26 categories in the alphabetical order its code and papers use (the dataset's site lists another order)
+EMOTIC_CATEGORIES = ("Affection", "Anger", "Annoyance", "Anticipation", "Aversion", "Confidence", "Disapproval",
+                     "Disconnection", "Disquietment", "Doubt/Confusion", "Embarrassment", "Engagement", "Esteem",
+                     "Excitement", "Fatigue", "Fear", "Happiness", "Pain", "Peace", "Pleasure", "Sadness",
+                     "Sensitivity", "Suffering", "Surprise", "Sympathy", "Yearning")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ REGISTRY: Dict[str, DatasetSpec] = {s.name: s for s in [
     DatasetSpec("HECO", ("Anger", "Disgust", "Excitement", "Fear", "Happiness", "Peace", "Sadness", "Surprise"),
                 "per_class", (0.70, 0.10, 0.20)),
     DatasetSpec("Emo8", MIKELS8, "files", (0.8, 0.1, 0.1), note="the authors' split files (8:1:1) are required"),
+    DatasetSpec("EMOTIC", EMOTIC_CATEGORIES, "files", (0.7, 0.1, 0.2), task=MULTI_LABEL,
+                note="shard-emotic: one sample per annotated person, its body box as the person crop; the official "
+                     "split of Annotations.mat; 26 categories multi-hot plus valence/arousal/dominance (1..10)"),
 ]}
 
 

@@ -13,13 +13,14 @@ FIELDS = {
     "split": (True, (str,)),
     "source": (True, (str,)),                     # relative path in the source tree, or the URL
     "person_box": (True, (list, type(None))),     # [x0, y0, x1, y1] as fractions of width/height, or None
-    "person_detector": (True, (str, type(None))),
+    "person_detector": (True, (str, type(None))),  # or "annotation": the dataset's own box (EMOTIC)
     "attributes": (True, (dict,)),
     "text": (True, (str,)),
     "width": (True, (int,)),
     "height": (True, (int,)),
     "valence": (False, (int, float, type(None))),
     "arousal": (False, (int, float, type(None))),
+    "dominance": (False, (int, float, type(None))),
     "labels": (False, (list, type(None))),        # multi-hot vector for multi-label sets
     "person_score": (False, (int, float, type(None))),
     "caption": (False, (str, type(None))),

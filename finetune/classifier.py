@@ -20,6 +20,7 @@ class Classifier:
     task: str
     transform: Callable
     meta: Dict[str, str]
+    continuous: List[str]    # values the head predicts after the classes (EMOTIC's V/A/D)
 
 
 def open_classifier(checkpoint: str, classes: Optional[Sequence[str]] = None, task: str = SINGLE_LABEL
@@ -35,4 +36,4 @@ def open_classifier(checkpoint: str, classes: Optional[Sequence[str]] = None, ta
     model.eval()
     transform = create_transform(tf["input_size"], is_training=False, interpolation=tf["interpolation"],
                                  crop_pct=tf["crop_pct"], mean=tuple(tf["mean"]), std=tuple(tf["std"]))
-    return Classifier(model, names, meta["task"], transform, meta)
+    return Classifier(model, names, meta["task"], transform, meta, json.loads(meta.get("continuous", "[]")))

@@ -2,9 +2,9 @@
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm.data import create_transform
@@ -29,6 +29,12 @@ class DatasetInfo:
     classes: List[str]          # class names, or the regression targets
     root: Path
     sizes: Dict[str, int]       # samples per split
+    continuous: List[str] = field(default_factory=list)  # values predicted beside the classes (EMOTIC's V/A/D)
+    continuous_range: Tuple[float, float] = (0.0, 1.0)    # their scale
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes) + len(self.continuous)
 
     def shards(self, split: str) -> List[str]:
         return sorted(str(p) for p in (self.root / split).glob("*.tar"))
@@ -70,7 +76,9 @@ def resolve_dataset(dataset: str, root: Optional[str], run_dir: Path, task: Opti
     for split in ("train", "val", "test"):
         if not sizes.get(split):
             raise ValueError(f"{root_path}: split {split!r} is missing or empty (splits: {sizes})")
-    return DatasetInfo(info["dataset"], task, classes, root_path, sizes)
+    continuous = list(info.get("continuous", [])) if task == MULTI_LABEL else []
+    return DatasetInfo(info["dataset"], task, classes, root_path, sizes, continuous,
+                       tuple(info.get("continuous_range", (0.0, 1.0))))
 
 
 def _posterize_compat(img, bits_to_keep, **_):
@@ -105,10 +113,18 @@ def make_transforms(img_size: int, aug) -> tuple:
 
 
 class LabelledTransform:
-    """Decoded sample -> {'image', 'target', 'key'}; the target's form follows the task (picklable for workers)."""
+    """Decoded sample -> {'image', 'target', 'key'}; the target's form follows the task, with the `continuous`
+    values (record fields) after a multi-label target (picklable for workers)."""
 
-    def __init__(self, transform, task: Task, num_classes: int):
+    def __init__(self, transform, task: Task, num_classes: int, continuous: Sequence[str] = ()):
         self.transform, self.task, self.num_classes = transform, task, num_classes
+        self.continuous = list(continuous)
+
+    def values(self, meta: Dict[str, Any], names: Sequence[str]) -> List[float]:
+        values = [meta.get(k) for k in names]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"{list(names)} are {values}, expected finite numbers")
+        return [float(v) for v in values]
 
     def label(self, meta: Dict[str, Any]) -> int:
         label = meta.get("label")
@@ -123,15 +139,14 @@ class LabelledTransform:
         if self.task == MULTI_LABEL:
             labels = meta.get("labels")
             if labels is None:
-                return torch.nn.functional.one_hot(torch.tensor(self.label(meta)), self.num_classes).float()
-            if not isinstance(labels, list) or len(labels) != self.num_classes \
+                hot = torch.nn.functional.one_hot(torch.tensor(self.label(meta)), self.num_classes).float()
+            elif not isinstance(labels, list) or len(labels) != self.num_classes \
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in labels):
                 raise ValueError(f"labels {labels!r} is not {self.num_classes} numbers")
-            return torch.tensor(labels, dtype=torch.float32)
-        values = [meta.get(k) for k in REGRESSION_TARGETS]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            raise ValueError(f"{REGRESSION_TARGETS} are {values}, expected finite numbers")
-        return torch.tensor([float(v) for v in values])
+            else:
+                hot = torch.tensor(labels, dtype=torch.float32)
+            return torch.cat([hot, torch.tensor(self.values(meta, self.continuous))]) if self.continuous else hot
+        return torch.tensor(self.values(meta, REGRESSION_TARGETS))
 
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
         return {"image": self.transform(sample["image"]), "target": self.target(sample["meta"]),

@@ -37,19 +37,21 @@ class Finetuning(LabelledJob):
     def build(self) -> JobParts:
         cfg, info = self.cfg, self.resolve_dataset()
         n = len(info.classes)
-        model, self.arch, self.source = create_encoder(cfg.encoder, n)
+        model, self.arch, self.source = create_encoder(cfg.encoder, info.num_outputs)
         torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head on the loaded encoder
         torch.nn.init.zeros_(model.head.bias)
+        with torch.no_grad():  # continuous outputs (EMOTIC's V/A/D) start at the middle of their scale
+            model.head.bias[n:] = sum(info.continuous_range) / 2
         self.img_size = model.patch_embed.img_size[0]
         if cfg.train.compile:
             compile_blocks(model.blocks)
         mixup_on = self.task == SINGLE_LABEL and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
         self.mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, label_smoothing=cfg.aug.smoothing,
                            num_classes=n) if mixup_on else None
-        self.criterion = make_criterion(self.task, mixup_on, cfg.aug.smoothing)
+        self.criterion = make_criterion(self.task, mixup_on, cfg.aug.smoothing, n, info.continuous_range)
         train_tf, eval_tf = make_transforms(self.img_size, cfg.aug)
-        self.train_transform = LabelledTransform(train_tf, self.task, n)
-        self.eval_transform = LabelledTransform(eval_tf, self.task, n)
+        self.train_transform = LabelledTransform(train_tf, self.task, n, info.continuous)
+        self.eval_transform = LabelledTransform(eval_tf, self.task, n, info.continuous)
         self.primary = PRIMARY[self.task]
         groups = param_groups_layer_decay(model, cfg.optim.weight_decay, model.no_weight_decay(),
                                           layer_decay=cfg.train.layer_decay)
@@ -72,7 +74,7 @@ class Finetuning(LabelledJob):
             self.test_predictions = pred
             if self.env.is_main:  # for error analysis, and to recompute any metric
                 pred.save(self.run_dir / f"predictions_{split}.npz")
-        return compute_metrics(self.task, pred.outputs, pred.targets, self.info.classes)
+        return compute_metrics(self.task, pred.outputs, pred.targets, self.info.classes, self.info.continuous)
 
     def run_metadata(self) -> Dict[str, Any]:
         return {"dataset": self.info.name, "task": self.task, "encoder_source": self.source,
@@ -98,7 +100,8 @@ class Finetuning(LabelledJob):
 
     def results(self, state: TrainState, test: Dict[str, Any]) -> Dict[str, Any]:
         return {"task": self.task, "primary_metric": self.primary, "encoder_source": self.source,
-                "val": state.best["val"], "test": test}
+                "val": state.best["val"], "test": test, "continuous": self.info.continuous,
+                "continuous_range": list(self.info.continuous_range)}
 
     def write_results(self, state: TrainState, test: Dict[str, Any], logger: MetricLogger) -> None:
         """The confusion matrix (CSV, PNG, TensorBoard), the gallery of mistakes, the embeddings."""

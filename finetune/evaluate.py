@@ -36,7 +36,9 @@ class Evaluation:
         self.info = resolve_dataset(cfg.data.dataset, cfg.data.root, self.run_dir)
         self.classifier = open_classifier(cfg.encoder.checkpoint, self.info.classes, self.info.task)
         own = [c.lower() for c in self.classifier.classes]
-        if own != [c.lower() for c in self.info.classes] or self.classifier.task != self.info.task:
+        heads = self.classifier.model.head.weight.shape[0]
+        if own != [c.lower() for c in self.info.classes] or self.classifier.task != self.info.task \
+                or heads != self.info.num_outputs:
             raise CheckpointError(f"{cfg.encoder.checkpoint} classifies {self.classifier.task} "
                                   f"{self.classifier.classes}, the shards in {self.info.root} hold {self.info.task} "
                                   f"{self.info.classes}: is it a classifier of {self.info.name}?")
@@ -46,17 +48,19 @@ class Evaluation:
         cfg, info = self.cfg, self.info
         record_run(self.run_dir, CheckpointStore(self.run_dir / "checkpoints"), cfg, self.env, dataset=info.name,
                    task=info.task, encoder_source="eval", mode="eval", checkpoint=str(cfg.encoder.checkpoint))
-        transform = LabelledTransform(self.classifier.transform, info.task, len(info.classes))
+        transform = LabelledTransform(self.classifier.transform, info.task, len(info.classes), info.continuous)
         scored, preds = {}, {}
         for split in ("val", "test"):
             preds[split] = predict_split(self.classifier.model, eval_loader(info, split, transform, cfg.data),
                                          self.device, self.precision, features=True,
                                          thumbnails=THUMBNAILS if split == "test" else 0)
-            scored[split] = compute_metrics(info.task, preds[split].outputs, preds[split].targets, info.classes)
+            scored[split] = compute_metrics(info.task, preds[split].outputs, preds[split].targets, info.classes,
+                                            info.continuous)
         primary = PRIMARY[info.task]
         result = {"dataset": info.name, "final_step": None, "best_epoch": None, "task": info.task,
                   "primary_metric": primary, "encoder_source": "eval", "val": scored["val"], "test": scored["test"],
-                  "history": [], "train": {}, "classes": info.classes, "world_size": self.env.world_size,
+                  "history": [], "train": {}, "classes": info.classes, "continuous": info.continuous,
+                  "continuous_range": list(info.continuous_range), "world_size": self.env.world_size,
                   "stopped": False, "mode": "eval", "checkpoint": str(cfg.encoder.checkpoint)}
         if self.env.is_main:
             for split, pred in preds.items():

@@ -75,20 +75,23 @@ def classifier_bundle(run_dir: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * arch.patch_size
     meta = classifier_meta(arch, img_size, metrics["classes"], metrics["task"], metrics["dataset"],
-                           cfg["aug"]["crop_pct"], str(run))
+                           cfg["aug"]["crop_pct"], str(run), metrics.get("continuous", []))
     meta["test_metrics"] = json.dumps({k: v for k, v in metrics["test"].items() if isinstance(v, float)})
     return state, meta
 
 
 def classifier_meta(arch: MAEArch, img_size: int, classes: Sequence[str], task: str, dataset: str, crop_pct: float,
-                    source: str) -> Dict[str, str]:
-    """The metadata of an exported classifier: what predict, eval and timm need besides the weights."""
-    return {"format": "uniemox-classifier", "source": source, "num_classes": str(len(classes)),
-            "classes": json.dumps(list(classes)), "task": task, "dataset": dataset, **arch_metadata(arch),
+                    source: str, continuous: Sequence[str] = ()) -> Dict[str, str]:
+    """The metadata of an exported classifier: what predict, eval and timm need besides the weights
+    (`continuous`: the values its head predicts after the classes, EMOTIC's V/A/D)."""
+    return {"format": "uniemox-classifier", "source": source, "num_classes": str(len(classes) + len(continuous)),
+            "classes": json.dumps(list(classes)), "continuous": json.dumps(list(continuous)), "task": task,
+            "dataset": dataset, **arch_metadata(arch),
             "timm_model_args": json.dumps(timm_model_args(arch, img_size)),
             "transform": json.dumps({"input_size": img_size, "crop_pct": crop_pct, "interpolation": "bicubic",
                                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}),
-            "timm_pretrained_cfg": json.dumps(timm_pretrained_cfg(img_size, len(classes), crop_pct))}
+            "timm_pretrained_cfg": json.dumps(timm_pretrained_cfg(img_size, len(classes) + len(continuous),
+                                                                  crop_pct))}
 
 
 def reference_bundle(path: str, classes: Sequence[str], task: str = SINGLE_LABEL

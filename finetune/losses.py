@@ -1,4 +1,7 @@
-"""Training losses per task: soft-target CE with Mixup/CutMix (single label), BCE (multi-label), MSE + CCC (V/A)."""
+"""Training losses per task: soft-target CE with Mixup/CutMix (single label), BCE (multi-label, plus L1 on any
+continuous values), MSE + CCC (V/A)."""
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -22,13 +25,26 @@ class RegressionLoss(nn.Module):
 
 
 class MultiLabelLoss(nn.Module):
+    """BCE on the first `num_classes` outputs; outputs past them are continuous values (EMOTIC's V/A/D), an L1
+    loss on their scale `value_range` (EMOTIC's baseline pairs the categories with an L1-type loss on V/A/D)."""
+
+    def __init__(self, num_classes: Optional[int] = None, value_range: Tuple[float, float] = (0.0, 1.0)):
+        super().__init__()
+        self.num_classes, self.span = num_classes, float(value_range[1] - value_range[0])
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        logits, target = logits.float(), target.float()
+        n = self.num_classes or logits.shape[1]
+        loss = F.binary_cross_entropy_with_logits(logits[:, :n], target[:, :n])
+        if logits.shape[1] > n:
+            loss = loss + F.l1_loss(logits[:, n:], target[:, n:]) / self.span
+        return loss
 
 
-def make_criterion(task: Task, mixup_active: bool, smoothing: float) -> nn.Module:
+def make_criterion(task: Task, mixup_active: bool, smoothing: float, num_classes: Optional[int] = None,
+                   value_range: Tuple[float, float] = (0.0, 1.0)) -> nn.Module:
     if task == MULTI_LABEL:
-        return MultiLabelLoss()
+        return MultiLabelLoss(num_classes, value_range)
     if task == REGRESSION:
         return RegressionLoss()
     if mixup_active:

@@ -1,4 +1,5 @@
-"""Evaluation metrics: top-k, per-class accuracy, macro-F1, confusion (single label); mAP (multi-label); CCC (V/A)."""
+"""Evaluation metrics: top-k, per-class accuracy, macro-F1, confusion (single label); mAP and V/A/D error
+(multi-label); CCC (V/A)."""
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -26,14 +27,22 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequ
             "confusion": cm.tolist(), "n": int(len(labels))}
 
 
-def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, classes: Sequence[str]) -> Dict:
-    """mAP: mean over the classes that have a positive of sklearn's average precision."""
+def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, classes: Sequence[str],
+                       continuous: Sequence[str] = ()) -> Dict:
+    """mAP: mean over the classes that have a positive of sklearn's average precision (EMOTIC's mean over its 26
+    categories); the continuous values after the classes: mean absolute error each and their mean (vad_error)."""
+    n = len(classes)
+    values = {}
+    if continuous:
+        err = np.abs(scores[:, n:n + len(continuous)] - targets[:, n:n + len(continuous)]).mean(0)
+        values = {**{f"mae_{name}": float(e) for name, e in zip(continuous, err)}, "vad_error": float(err.mean())}
+    scores, targets = scores[:, :n], targets[:, :n]
     ap = {}
     for j, name in enumerate(classes):
         if targets[:, j].any():
             ap[name] = float(average_precision_score(targets[:, j], scores[:, j]))
     return {"mAP": float(np.mean(list(ap.values()))) if ap else float("nan"), "per_class_ap": ap,
-            "n": int(len(targets))}
+            "n": int(len(targets)), **values}
 
 
 def ccc(pred: np.ndarray, target: np.ndarray) -> float:
@@ -49,9 +58,10 @@ def regression_metrics(pred: np.ndarray, target: np.ndarray, names: List[str]) -
             "n": int(len(target))}
 
 
-def compute_metrics(task: Task, outputs: np.ndarray, targets: np.ndarray, classes: Sequence[str]) -> Dict:
+def compute_metrics(task: Task, outputs: np.ndarray, targets: np.ndarray, classes: Sequence[str],
+                    continuous: Sequence[str] = ()) -> Dict:
     if task == SINGLE_LABEL:
         return classification_metrics(outputs, targets.astype(int), classes)
     if task == MULTI_LABEL:
-        return multilabel_metrics(outputs, targets, classes)
+        return multilabel_metrics(outputs, targets, classes, continuous)
     return regression_metrics(outputs, targets, list(classes))

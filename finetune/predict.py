@@ -76,10 +76,13 @@ class Predictor:
         from finetune.classifier import open_classifier
         clf = open_classifier(checkpoint, classes, task)
         self.model, self.classes, self.task, self.transform = clf.model, clf.classes, clf.task, clf.transform
+        self.continuous = clf.continuous
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(images).float()
+        if self.continuous:  # sigmoid scores of the classes, then the values as they are
+            return torch.cat([out[:, :len(self.classes)].sigmoid(), out[:, len(self.classes):]], 1)
         if self.task == SINGLE_LABEL:
             return out.softmax(-1)
         return out.sigmoid() if self.task == MULTI_LABEL else out
@@ -90,7 +93,7 @@ class ZeroShotPredictor:
         from finetune.zeroshot import ZeroShotEncoder, label_embeddings, read_labels
         from data_tools.images import IMAGENET_MEAN, IMAGENET_STD
         self.classes = read_labels(labels_file)
-        self.task = SINGLE_LABEL
+        self.task, self.continuous = SINGLE_LABEL, []
         self.encoder = ZeroShotEncoder(checkpoint)
         self.text = label_embeddings(teacher, self.classes, templates)
         self.scale = teacher.logit_scale
@@ -112,9 +115,12 @@ def predict(predictor, items: Sequence[str], topk: int = 3, batch_size: int = 32
         scores = predictor.scores(torch.stack([t for _, t in pending]))
         for (name, _), s in zip(pending, scores):
             row = {"input": name, "status": "ok", "reason": ""}
+            n = len(predictor.classes)
             if predictor.task == REGRESSION:
                 row.update({c: float(v) for c, v in zip(predictor.classes, s)})
             else:
+                row.update({c: float(v) for c, v in zip(predictor.continuous, s[n:])})
+                s = s[:n]
                 order = torch.argsort(s, descending=True)[:topk]
                 for rank, j in enumerate(order.tolist(), 1):
                     row[f"label{rank}"], row[f"score{rank}"] = predictor.classes[j], float(s[j])

@@ -1,7 +1,14 @@
-"""`python -m finetune.report RUN [RUN ...]`: finished runs side by side — fine-tuning, linear probe, pixel
-baseline (metrics.json) and zero-shot (zeroshot.json) — as a markdown table and, with --json, one row per run."""
+"""`python -m finetune.report RUN [RUN ...]`: finished runs side by side — fine-tuning, eval, linear probe, pixel
+baseline (metrics.json) and zero-shot (zeroshot.json) — as a markdown table and, with --json, one row per run.
+
+`--table`: the paper's table instead — methods as rows, datasets as columns, the test metric (top-1 %, mAP % for
+multi-label sets) as mean +- sd over the runs (seeds) of each method, with their number; a run that failed or is
+missing shows as such, never as a number. A method is the run directory's name less a seed suffix (`_s1`,
+`_seed1`), or `NAME=RUN`."""
 import argparse
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -52,13 +59,137 @@ def report(runs: Sequence[str], labels: Optional[Sequence[str]] = None) -> str:
     return markdown(result_rows(runs, labels))
 
 
+SEED_SUFFIX = re.compile(r"[_-]s(?:eed)?\d+$")
+
+
+def run_config(run: Path) -> Dict[str, Any]:
+    import yaml
+    try:
+        return yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def table_entry(spec: str) -> Dict[str, Any]:
+    """One run for the table: its method, dataset, seed and test metric, or why it has none."""
+    method, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+    run = Path(path)
+    method = method or SEED_SUFFIX.sub("", run.resolve().name)
+    cfg = run_config(run)
+    entry = {"method": method, "run": str(run), "seed": (cfg.get("run") or {}).get("seed"),
+             "dataset": (cfg.get("data") or {}).get("dataset"), "value": None, "status": "ok"}
+    try:
+        m = read_result(str(run))
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        return {**entry, "status": "failed", "reason": str(e)}
+    entry["dataset"] = m.get("dataset", entry["dataset"])
+    key = m.get("primary_metric")
+    value = (m.get("test") or {}).get(key)
+    if m.get("stopped") or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return {**entry, "status": "failed", "reason": "stopped before its test" if m.get("stopped") else
+                f"no finite test {key}"}
+    return {**entry, "metric": key, "value": float(value)}
+
+
+def paper_table(specs: Sequence[str]) -> Dict[str, Any]:
+    """Cells per method and dataset: mean and sd (n - 1) of the test metric over the runs that finished."""
+    entries = [table_entry(s) for s in specs]
+    methods = list(dict.fromkeys(e["method"] for e in entries))
+    datasets = list(dict.fromkeys(e["dataset"] for e in entries if e["dataset"]))
+    cells: Dict[str, Dict[str, Any]] = {}
+    for method in methods:
+        for dataset in datasets:
+            runs = [e for e in entries if e["method"] == method and e["dataset"] == dataset]
+            values = [e["value"] for e in runs if e["status"] == "ok"]
+            cell = {"n": len(values), "failed": len(runs) - len(values), "seeds": [e["seed"] for e in runs
+                                                                                   if e["status"] == "ok"],
+                    "runs": [e["run"] for e in runs], "metric": next((e["metric"] for e in runs if "metric" in e),
+                                                                     None)}
+            if values:
+                mean = sum(values) / len(values)
+                sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+                cell.update(mean=mean, sd=sd)
+            cells.setdefault(method, {})[dataset] = cell
+    unplaced = [e for e in entries if not e["dataset"]]
+    return {"methods": methods, "datasets": datasets, "cells": cells, "unplaced": unplaced,
+            "failed": [e for e in entries if e["status"] != "ok"]}
+
+
+def _percent(metric: Optional[str]) -> bool:
+    return metric in ("top1", "mAP")
+
+
+def format_cell(cell: Dict[str, Any]) -> str:
+    if not cell["n"] and not cell["failed"]:
+        return "missing"
+    if not cell["n"]:
+        return f"failed ({cell['failed']})"
+    scale, digits = (100, 1) if _percent(cell["metric"]) else (1, 3)
+    text = f"{cell['mean'] * scale:.{digits}f}"
+    text += f" ± {cell['sd'] * scale:.{digits}f}" if cell["sd"] is not None else ""
+    text += f" (n={cell['n']}" + (f", {cell['failed']} failed)" if cell["failed"] else ")")
+    return text
+
+
+def table_markdown(table: Dict[str, Any]) -> str:
+    metrics = {d: next((table["cells"][m][d]["metric"] for m in table["methods"] if table["cells"][m][d]["metric"]),
+                       None) for d in table["datasets"]}
+    names = {"top1": "top-1 %", "mAP": "mAP %", "ccc": "CCC"}
+    head = [f"{d} ({names.get(metrics[d], metrics[d] or '-')})" for d in table["datasets"]]
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    lines += [f"| {m} | " + " | ".join(format_cell(table["cells"][m][d]) for d in table["datasets"]) + " |"
+              for m in table["methods"]]
+    notes = [f"- {e['run']}: {e['status']} ({e.get('reason', '')})" for e in table["failed"]]
+    notes += [f"- {e['run']}: no dataset recorded, left out" for e in table["unplaced"] if e["status"] == "ok"]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def table_plot(table: Dict[str, Any], path: str) -> None:
+    """Grouped bars: a group per dataset, a bar per method, sd as error bars; a missing or failed cell has none."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from runtime.atomic import atomic_write_bytes
+    import io
+    methods, datasets = table["methods"], table["datasets"]
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(datasets) * max(1, len(methods)) * 0.5 + 2), 4), dpi=90)
+    for i, method in enumerate(methods):
+        cells = [table["cells"][method][d] for d in datasets]
+        scale = [100 if _percent(c["metric"]) else 1 for c in cells]
+        ax.bar([j + i * width for j in range(len(datasets))], [c.get("mean", 0) * s for c, s in zip(cells, scale)],
+               width, yerr=[(c.get("sd") or 0) * s for c, s in zip(cells, scale)], label=method, capsize=3)
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(datasets))], datasets)
+    ax.set_ylabel("test metric (top-1 / mAP %)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run directories (with metrics.json or zeroshot.json)")
+    parser.add_argument("runs", nargs="+", help="run directories (with metrics.json or zeroshot.json); with "
+                                                 "--table also METHOD=RUN")
     parser.add_argument("--labels", nargs="+", help="a name per run")
+    parser.add_argument("--table", action="store_true", help="the paper's table: methods x datasets, mean +- sd")
+    parser.add_argument("--plot", help="--table: also a bar plot PNG")
     parser.add_argument("--out", help="also write the table to this file")
-    parser.add_argument("--json", help="also write {'runs': [one row per run]} to this file")
+    parser.add_argument("--json", help="also write {'runs': [one row per run]} (--table: the cells) to this file")
     args = parser.parse_args(argv)
+    if args.table:
+        table = paper_table(args.runs)
+        text = table_markdown(table)
+        print(text)
+        if args.out:
+            atomic_write_text(args.out, text + "\n")
+        if args.json:
+            atomic_write_text(args.json, json.dumps(table, indent=1) + "\n")
+        if args.plot:
+            table_plot(table, args.plot)
+        return 0
     rows = result_rows(args.runs, args.labels)
     table = markdown(rows)
     print(table)
