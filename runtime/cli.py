@@ -92,6 +92,7 @@ def shortcut_flags(parser: argparse.ArgumentParser,
             if value in (None, False):
                 continue
             out.append(target if "=" in target else f"{target}={value}")
+            overrides.typed_as[target.split("=", 1)[0]] = flag  # of several flags for one key, the one typed
         return out
     overrides.typed_as = {**{target.split("=", 1)[0]: flag for flag, target in flags.items()},  # type: ignore
                           **{target: flag for flag, target in flags.items() if "=" in target}}
