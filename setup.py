@@ -16,11 +16,12 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.16",
     "opencv-python-headless<5",  # 5.x dropped the HOG people detector and Haar cascades
     "scikit-learn",
+    "scipy",  # EMOTIC's Annotations.mat (scipy.io.loadmat)
     "safetensors",
     "pyyaml",
     "tqdm",
     "requests",
-    "matplotlib",  # sweep plots and confusion matrices
+    "matplotlib",  # sweep plots, confusion matrices, galleries, embeddings
 ]
 
 setup(
