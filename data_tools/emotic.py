@@ -68,9 +68,11 @@ def read_mat(path: Path) -> Dict[str, List[Dict[str, Any]]]:
                 where = f"{path}:{split}[{i}].person[{j}]"
                 try:
                     rows.append(_person(image, person, split, where))
-                except (AttributeError, IndexError, TypeError, ValueError) as e:
-                    raise DatasetLayoutError(f"{where}: not in EMOTIC's layout ({type(e).__name__}: {e}); "
-                                             f"expected body_bbox and annotations_*/combined_* fields") from None
+                except (AttributeError, IndexError, TypeError, ValueError) as e:  # this person fails, counted
+                    rows.append({"folder": str(getattr(image, "folder", "?")),
+                                 "filename": str(getattr(image, "filename", "?")), "where": where,
+                                 "error": f"not in EMOTIC's layout ({type(e).__name__}: {e}); expected body_bbox and "
+                                          f"annotations_*/combined_* fields"})
         out[split] = rows
     return out
 
@@ -120,6 +122,18 @@ def person_fractions(box: Sequence[float], width: int, height: int, where: str) 
     return [x1 / width, y1 / height, x2 / width, y2 / height]
 
 
+ORIENTATION = 0x0112  # the EXIF tag decode_image applies (ImageOps.exif_transpose)
+
+
+def oriented_box(box: Sequence[float], orientation: int) -> List[float]:
+    """A box in fractions of the stored pixels -> the same region in the image turned upright by its EXIF
+    orientation (2-8: the flips and turns of ImageOps.exif_transpose)."""
+    x0, y0, x1, y1 = box
+    return {2: [1 - x1, y0, 1 - x0, y1], 3: [1 - x1, 1 - y1, 1 - x0, 1 - y0], 4: [x0, 1 - y1, x1, 1 - y0],
+            5: [y0, x0, y1, x1], 6: [1 - y1, x0, 1 - y0, x1], 7: [1 - y1, 1 - x1, 1 - y0, 1 - x0],
+            8: [y0, 1 - x1, y1, 1 - x0]}.get(orientation, [x0, y0, x1, y1])
+
+
 class EmoticSample:
     """Picklable shard job body: one annotated person -> its image with the person's box and labels."""
 
@@ -127,6 +141,8 @@ class EmoticSample:
         self.image_root, self.builder = Path(image_root), builder
 
     def __call__(self, item: Dict[str, Any]):
+        if "error" in item:
+            raise DatasetLayoutError(f"{item['where']}: {item['error']}")
         unknown = [c for c in item["categories"] if c not in EMOTIC_CATEGORIES]
         if unknown:
             raise DatasetLayoutError(f"{item['where']}: categories {unknown} are not EMOTIC's 26")
@@ -138,10 +154,12 @@ class EmoticSample:
         source = f"{item['folder']}/{item['filename']}"
         data = read_file(self.image_root / source)
         try:
-            width, height = Image.open(io.BytesIO(data)).size
+            raw = Image.open(io.BytesIO(data))
+            (width, height), orientation = raw.size, raw.getexif().get(ORIENTATION, 1)
         except Exception as e:  # noqa: BLE001 - any decoder error is this image's failure
             raise ImageError("undecodable", f"{source}: {e}") from None
-        box = person_fractions(item["box"], width, height, item["where"])
+        # the box is in the stored pixels; the sample is the image upright (EXIF orientation applied)
+        box = oriented_box(person_fractions(item["box"], width, height, item["where"]), orientation)
         labels = [1 if c in item["categories"] else 0 for c in EMOTIC_CATEGORIES]
         named = [c.lower() for c in EMOTIC_CATEGORIES if c in item["categories"]]
         return self.builder.build(data, split=item["split"], source=source, labels=labels, person_box=box,

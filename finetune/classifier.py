@@ -23,10 +23,11 @@ class Classifier:
     continuous: List[str]    # values the head predicts after the classes (EMOTIC's V/A/D)
 
 
-def open_classifier(checkpoint: str, classes: Optional[Sequence[str]] = None, task: str = SINGLE_LABEL
-                    ) -> Classifier:
-    """The classifier in evaluation mode with its own evaluation transform."""
-    state, meta = classifier_state(checkpoint, classes, task)
+def open_classifier(checkpoint: str, classes: Optional[Sequence[str]] = None, task: str = SINGLE_LABEL,
+                    preset: str = "vit_b16") -> Classifier:
+    """The classifier in evaluation mode with its own evaluation transform (`preset`: the architecture of a
+    reference .pth whose args do not name one)."""
+    state, meta = classifier_state(checkpoint, classes, task, preset)
     names: List[str] = json.loads(meta["classes"])
     tf = json.loads(meta["transform"])
     arch = arch_from_metadata(meta, Path(checkpoint))

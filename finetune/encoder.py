@@ -105,12 +105,13 @@ def read_encoder_source(source: str, preset: str) -> Tuple[Dict[str, torch.Tenso
 def reference_arch(args: Dict, preset: str, path: Path) -> MAEArch:
     """The architecture a reference checkpoint's `args` name (`model`, `input_size`), else `preset`."""
     name = str(args.get("model") or "")
-    name = name[4:] if name.startswith("mae_") else name  # main_pretrain's models_mae names
-    if name and name not in REFERENCE_MODELS:
+    name = name[4:] if name.startswith("mae_") else name  # main_pretrain's models_mae names (..._dec512d8b)
+    known = next((k for k in REFERENCE_MODELS if name == k or name.startswith(k + "_")), None)
+    if name and known is None:
         raise CheckpointError(f"{path}: args.model {name!r} is not one of the reference's ViTs "
                               f"({', '.join(REFERENCE_MODELS)})")
     size = args.get("input_size")
-    return get_arch(REFERENCE_MODELS.get(name, preset), img_size=size if isinstance(size, int) else None)
+    return get_arch(REFERENCE_MODELS[known] if known else preset, img_size=size if isinstance(size, int) else None)
 
 
 def to_timm_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

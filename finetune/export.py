@@ -46,6 +46,9 @@ def timm_pretrained_cfg(img_size: int, num_classes: int, crop_pct: float = 0.875
 
 def export_encoder(source: str, out: str, preset: str = "vit_b16") -> Path:
     state, arch, kind = read_encoder_source(source, preset)
+    if kind == "reference-classifier":
+        raise CheckpointError(f"{source} is a fine-tuned classifier: pass --dataset NAME (its benchmark) to export it "
+                              f"as a classifier")
     if kind == "finetune":
         raise CheckpointError(f"{source} is a fine-tuning run: export it as a classifier (finetune.export picks that "
                               f"for run directories with best.safetensors)")
@@ -94,23 +97,23 @@ def classifier_meta(arch: MAEArch, img_size: int, classes: Sequence[str], task: 
                                                                   crop_pct))}
 
 
-def reference_bundle(path: str, classes: Sequence[str], task: str = SINGLE_LABEL
+def reference_bundle(path: str, classes: Sequence[str], task: str = SINGLE_LABEL, preset: str = "vit_b16"
                      ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """A reference (MAE / UniEmoX models_vit) fine-tuned classifier .pth and the metadata it lacks: the classes
     (its head's order is the dataset's), the task and MAE's evaluation transform."""
-    state, arch, kind = read_encoder_source(path, "vit_b16")
+    state, arch, kind = read_encoder_source(path, preset)  # args.model names the architecture, else preset
     if kind != "reference-classifier":
         raise CheckpointError(f"{path} is not a fine-tuned classifier (no head.weight): give a fine-tuning run, an "
                               f"exported classifier or a reference classifier .pth")
     model = build_vit(arch, len(classes))
     load_classifier(model, state, path)  # checks the head fits the classes; drops the unused norm.*
-    meta = classifier_meta(arch, arch.img_size, classes, task, dataset="", crop_pct=REFERENCE_CROP_PCT,
-                           source=path)
+    crop_pct = REFERENCE_CROP_PCT if arch.img_size <= 224 else 1.0  # MAE's build_transform
+    meta = classifier_meta(arch, arch.img_size, classes, task, dataset="", crop_pct=crop_pct, source=path)
     return model.state_dict(), meta
 
 
-def classifier_state(checkpoint: str, classes: Optional[Sequence[str]] = None, task: str = SINGLE_LABEL
-                     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def classifier_state(checkpoint: str, classes: Optional[Sequence[str]] = None, task: str = SINGLE_LABEL,
+                     preset: str = "vit_b16") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """(weights, metadata) of a classifier: a run directory with best.safetensors, an exported classifier, or
     (given the classes) a reference .pth."""
     path = Path(checkpoint)
@@ -122,7 +125,7 @@ def classifier_state(checkpoint: str, classes: Optional[Sequence[str]] = None, t
         if classes is None:
             raise CheckpointError(f"{checkpoint}: a reference .pth does not name its classes: pass --dataset NAME "
                                   f"(a registered benchmark) so its head's outputs can be named")
-        state, meta = reference_bundle(str(path), classes, task)
+        state, meta = reference_bundle(str(path), classes, task, preset)
     else:
         raise CheckpointError(f"{checkpoint}: expected a fine-tuning run (with best.safetensors), an exported "
                               f"classifier .safetensors or a reference classifier .pth; a pretraining checkpoint "
@@ -134,8 +137,8 @@ def classifier_state(checkpoint: str, classes: Optional[Sequence[str]] = None, t
 
 
 def export_classifier(checkpoint: str, out: str, classes: Optional[Sequence[str]] = None,
-                      task: str = SINGLE_LABEL) -> Path:
-    state, meta = classifier_state(checkpoint, classes, task)
+                      task: str = SINGLE_LABEL, preset: str = "vit_b16") -> Path:
+    state, meta = classifier_state(checkpoint, classes, task, preset)
     return atomic_save_safetensors(state, Path(out), meta)
 
 
@@ -161,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return export_classifier(args.source, args.out)
         if args.dataset:
             spec = get_dataset(args.dataset)
-            return export_classifier(args.source, args.out, spec.classes, spec.task)
+            return export_classifier(args.source, args.out, spec.classes, spec.task, args.preset)
         return export_encoder(args.source, args.out, args.preset)
     return with_one_line_errors(lambda: report(export()))
 

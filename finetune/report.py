@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from data_tools.registry import UnknownDatasetError, get_dataset
 from runtime.atomic import atomic_write_text
 from runtime.cli import HelpFormatter
 
@@ -72,12 +73,17 @@ def run_config(run: Path) -> Dict[str, Any]:
 
 def table_entry(spec: str) -> Dict[str, Any]:
     """One run for the table: its method, dataset, seed and test metric, or why it has none."""
-    method, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+    method, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
     run = Path(path)
     method = method or SEED_SUFFIX.sub("", run.resolve().name)
     cfg = run_config(run)
+    dataset = (cfg.get("data") or {}).get("dataset")
+    try:  # a registered benchmark under its registry spelling, as metrics.json records it
+        dataset = get_dataset(dataset).name if dataset else None
+    except UnknownDatasetError:
+        pass
     entry = {"method": method, "run": str(run), "seed": (cfg.get("run") or {}).get("seed"),
-             "dataset": (cfg.get("data") or {}).get("dataset"), "value": None, "status": "ok"}
+             "dataset": dataset, "value": None, "status": "ok"}
     try:
         m = read_result(str(run))
     except (FileNotFoundError, json.JSONDecodeError) as e:
@@ -93,7 +99,12 @@ def table_entry(spec: str) -> Dict[str, Any]:
 
 def paper_table(specs: Sequence[str]) -> Dict[str, Any]:
     """Cells per method and dataset: mean and sd (n - 1) of the test metric over the runs that finished."""
-    entries = [table_entry(s) for s in specs]
+    seen, entries = set(), []
+    for spec in specs:  # a run given twice (a glob and a link to it) counts once
+        entry = table_entry(spec)
+        if Path(entry["run"]).resolve() not in seen:
+            seen.add(Path(entry["run"]).resolve())
+            entries.append(entry)
     methods = list(dict.fromkeys(e["method"] for e in entries))
     datasets = list(dict.fromkeys(e["dataset"] for e in entries if e["dataset"]))
     cells: Dict[str, Dict[str, Any]] = {}
@@ -157,8 +168,9 @@ def table_plot(table: Dict[str, Any], path: str) -> None:
     for i, method in enumerate(methods):
         cells = [table["cells"][method][d] for d in datasets]
         scale = [100 if _percent(c["metric"]) else 1 for c in cells]
-        ax.bar([j + i * width for j in range(len(datasets))], [c.get("mean", 0) * s for c, s in zip(cells, scale)],
-               width, yerr=[(c.get("sd") or 0) * s for c, s in zip(cells, scale)], label=method, capsize=3)
+        ax.bar([j + i * width for j in range(len(datasets))],  # no bar where nothing finished
+               [c.get("mean", math.nan) * s for c, s in zip(cells, scale)], width,
+               yerr=[(c.get("sd") or 0) * s for c, s in zip(cells, scale)], label=method, capsize=3)
     ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(datasets))], datasets)
     ax.set_ylabel("test metric (top-1 / mAP %)")
     ax.legend(fontsize=7)

@@ -128,3 +128,36 @@ def test_finetuning_on_emotic_reports_map_and_vad_error_as_written_out(emotic, t
     assert finetune_main(["--eval", "--checkpoint", str(run), "--dataset", "EMOTIC", "--data", str(out),
                           f"run.output_dir={ev}", "data.batch_size=4", "data.num_workers=0"]) == 0
     assert json.loads((ev / "metrics.json").read_text())["test"] == m["test"]
+    # a head of the 26 categories alone (a linear probe) is scored on them alone
+    probe, ev2 = tmp_path / "probe", tmp_path / "ev2"
+    assert finetune_main(["--config", str(REPO / "configs/finetune/tiny.yaml"), "--dataset", "EMOTIC", "--data",
+                          str(out), "--from-scratch", "--linear-probe", f"run.output_dir={probe}",
+                          "train.probe_epochs=2", "data.num_workers=0"]) == 0
+    assert finetune_main(["--eval", "--checkpoint", str(probe), "--dataset", "EMOTIC", "--data", str(out),
+                          f"run.output_dir={ev2}", "data.num_workers=0", "encoder.preset=tiny"]) == 0
+    probed, evaluated = (json.loads((d / "metrics.json").read_text()) for d in (probe, ev2))
+    assert evaluated["continuous"] == [] and "vad_error" not in evaluated["test"]
+    # the probe scores features @ W + b, the classifier runs its head: float rounding may reorder the near-tied
+    # scores of a random encoder on these near-uniform images, so AP agrees to rounding, not bit for bit
+    assert evaluated["test"]["mAP"] == pytest.approx(probed["test"]["mAP"], abs=5e-3)
+    assert evaluated["val"]["n"] == probed["val"]["n"] and evaluated["test"]["n"] == probed["test"]["n"]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_box_follows_the_image_turned_upright_by_its_exif_orientation(orientation):
+    import io
+    from PIL import Image
+    from data_tools.emotic import oriented_box
+    from data_tools.images import decode_image
+    w, h, box = 60, 40, (10, 5, 30, 25)  # stored pixels, as the annotation gives them
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[box[1]:box[3], box[0]:box[2]] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", exif=exif)  # lossless, so the region's edges stay exact
+    upright = np.asarray(decode_image(buf.getvalue()).convert("L"))
+    ys, xs = np.nonzero(upright > 127)
+    found = [xs.min() / upright.shape[1], ys.min() / upright.shape[0], (xs.max() + 1) / upright.shape[1],
+             (ys.max() + 1) / upright.shape[0]]
+    assert oriented_box([box[0] / w, box[1] / h, box[2] / w, box[3] / h], orientation) == pytest.approx(found)

@@ -96,4 +96,6 @@ def test_eval_refuses_a_classifier_of_another_dataset_and_a_training_runs_direct
     assert "is it a classifier of two?" in capsys.readouterr().err
     assert finetune_main(eval_args(finetuned, finetuned / "ft")) == 3  # would overwrite the run's own results
     assert "train.mode" in capsys.readouterr().err
+    assert finetune_main(eval_args(finetuned, finetuned / "ft", None, "Emotion6", "run.resume=none")) == 3
+    assert "holds the results of a finetune run" in capsys.readouterr().err
     assert json.loads((finetuned / "ft" / "metrics.json").read_text()).get("mode") is None

@@ -109,6 +109,8 @@ def test_a_reference_classifier_that_does_not_fit_is_named(tmp_path):
         open_classifier(str(path), FI)
     with pytest.raises(CheckpointError, match="does not name its classes: pass --dataset"):
         open_classifier(str(path))
+    from finetune.encoder import reference_arch
+    assert reference_arch({"model": "mae_vit_large_patch16_dec512d8b"}, "tiny", path) == get_arch("vit_l16")
     save_like_misc_save_model(path, models_vit_state(), "vit_tiny_patch4", 64)
     with pytest.raises(CheckpointError, match="args.model 'vit_tiny_patch4' is not one of"):
         open_classifier(str(path), FI)

@@ -57,5 +57,9 @@ def test_a_method_whose_every_run_failed_shows_no_number(tmp_path):
     out = tmp_path / "t.md"
     assert report_main(["--table", *runs, "--out", str(out)]) == 0
     assert "| b | failed (2) |" in out.read_text()
-    named = paper_table([f"mine={runs[0]}"])
-    assert named["methods"] == ["mine"] and named["cells"]["mine"]["FI"]["sd"] is None
+    named = paper_table([f"mine={runs[0]}", runs[0]])  # the same run twice counts once
+    assert named["methods"] == ["mine"] and named["cells"]["mine"]["FI"]["n"] == 1
+    assert named["cells"]["mine"]["FI"]["sd"] is None
+    tune_style = fake_run(tmp_path / "blr=1e-3_s0", "fi", 0)  # a Ray Tune-style name; dataset typed in lower case
+    mixed = paper_table([f"ours={tune_style}", f"ours={fake_run(tmp_path / 'ok_s1', 'FI', 1, 0.7)}"])
+    assert mixed["datasets"] == ["FI"] and mixed["cells"]["ours"]["FI"]["failed"] == 1
