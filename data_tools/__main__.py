@@ -1,4 +1,5 @@
-"""Command line: python -m data_tools {shard-folder, shard-emoset, shard-emotic, crawl, idx-to-folder, verify} ..."""
+"""Command line: python -m data_tools {shard-folder, shard-emoset, shard-emotic, shard-frames, crawl, idx-to-folder,
+verify} ..."""
 import argparse
 import functools
 import json
@@ -59,6 +60,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--name", default="EMOTIC")
     _image_args(p, min_shards=8)
 
+    p = sub.add_parser("shard-frames", help="clips with per-frame valence/arousal (AFEW-VA, Aff-Wild2, generic)")
+    p.add_argument("name", help="dataset name recorded in the shards")
+    p.add_argument("src", help="AFEW-VA root (<clip>/<clip>.json + frames), Aff-Wild2 root (annotations/, "
+                               "cropped_aligned/), or frames/<clip>/ + annotations.csv")
+    p.add_argument("--format", required=True, choices=("afew-va", "affwild2", "generic"))
+    p.add_argument("--out", required=True, help="output directory (created; reruns skip finished shards)")
+    p.add_argument("--annotations", help="generic: the CSV (default SRC/annotations.csv)")
+    p.add_argument("--max-frames", type=int, default=64, help="frames per sample (a clip is cut into chunks)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subject split")
+    p.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--shard-size", type=int, default=100, help="clip chunks per shard")
+    p.add_argument("--min-shards", type=int, default=4)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--max-side", type=int, default=256, help="longer frame side after re-encoding")
+    p.add_argument("--quality", type=int, default=90)
+
     p = sub.add_parser("crawl", help="download a URL list into shards")
     p.add_argument("annotations", help="CSV/TSV/parquet/JSONL with a url column (or FindingEmo's image_path)")
     p.add_argument("--name", default="web", help="dataset name recorded in each sample")
@@ -107,6 +124,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 min_shards=args.min_shards, workers=args.workers, options=_options(args),
                                 name=args.name)
             print(json.dumps(info["splits"], indent=1))
+        elif args.command == "shard-frames":
+            from data_tools.frames import shard_frames
+            info = shard_frames(args.name, args.src, args.out, fmt=args.format, max_frames=args.max_frames,
+                                seed=args.seed, ratios=tuple(args.ratios), annotations=args.annotations,
+                                shard_size=args.shard_size, min_shards=args.min_shards, workers=args.workers,
+                                max_side=args.max_side, quality=args.quality)
+            print(json.dumps({"splits": info["splits"], "frames": info["frames"], "rule": info["split_rule"]},
+                             indent=1))
         elif args.command == "crawl":
             from data_tools.crawl import crawl
             classes = None

@@ -21,8 +21,8 @@ from runtime.atomic import atomic_write_json, atomic_write_text, file_sha256, fs
 
 log = logging.getLogger(__name__)
 
-# make_sample(item) -> (jpeg bytes, record); raises an exception with a `.reason` for a sample to skip
-SampleMaker = Callable[[Any], Tuple[bytes, Dict[str, Any]]]
+# make_sample(item) -> (jpeg bytes or {member: bytes}, record); raises an exception with a `.reason` to skip it
+SampleMaker = Callable[[Any], Tuple[Any, Dict[str, Any]]]
 
 
 @dataclass
@@ -103,8 +103,9 @@ def write_shard(task: ShardTask, make_sample: SampleMaker, threads: int = 0) -> 
                 if reason == "unexpected_error":
                     log.error("unexpected error on %s: %r", describe_item(item), result)
                 continue
-            jpeg, record = result
-            writer.write({"__key__": key, "jpg": jpeg, "json": encode_record(record)})
+            image, record = result  # one JPEG, or {member name: bytes} (a clip's frames)
+            members = image if isinstance(image, dict) else {"jpg": image}
+            writer.write({"__key__": key, **members, "json": encode_record(record)})
             stats["samples"] += 1
             name = record.get("emotion") or "<unlabelled>"
             stats["classes"][name] = stats["classes"].get(name, 0) + 1
