@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.config import FinetuneConfig
