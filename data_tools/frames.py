@@ -226,11 +226,11 @@ def shard_frames(name: str, src: str, out: str, *, fmt: str, max_frames: int = 6
         random.Random(f"{seed}/{split}/shards").shuffle(items)
         tasks = plan_shards(out_path / split, split, items, shard_size, min_shards)
         summary[split] = finalize_split(out_path / split, run_shard_tasks(tasks, maker, workers, f"{name}/{split}"))
-        frames = [c for c in splits[split]]
-        counts[split] = {"clips": len(frames), "frames": sum(len(c.frames) for c in frames),
-                         "frames_not_annotated": sum(not v for c in frames for v in c.valid),
-                         "frames_missing_image": sum(p is None for c in frames for p in c.frames),
-                         "subjects": len({c.subject for c in frames if c.subject})}
+        clips_of = splits[split]
+        counts[split] = {"clips": len(clips_of), "frames": sum(len(c.frames) for c in clips_of),
+                         "frames_not_annotated": sum(not v for c in clips_of for v in c.valid),
+                         "frames_missing_image": sum(p is None for c in clips_of for p in c.frames),
+                         "subjects": len({c.subject for c in clips_of if c.subject})}
     info = {"dataset": name, "task": "temporal_regression", "kind": "frames", "format": fmt,
             "targets": ["valence", "arousal"], "scale": scale, "split_rule": rule, "seed": seed,
             "max_frames": max_frames, "splits": summary, "frames": counts, "source": str(src_path.resolve()),

@@ -18,17 +18,19 @@ log = logging.getLogger("finetune")
 GALLERY_MAX = 64
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display on a cluster node)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _png(fig) -> bytes:
+def figure_png(fig, dpi=None) -> bytes:
+    """A figure as PNG bytes, the figure closed."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    _pyplot().close(fig)
+    fig.savefig(buf, format="png", dpi=dpi)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -40,7 +42,7 @@ def png_tensor(png: bytes) -> torch.Tensor:
 
 
 def confusion_png(cm, classes: Sequence[str]) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(1 + 0.5 * len(classes), 1 + 0.5 * len(classes)), dpi=80)
     ax.imshow(cm, cmap="Blues")
@@ -51,7 +53,7 @@ def confusion_png(cm, classes: Sequence[str]) -> bytes:
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def write_confusion(run_dir: Path, cm, classes: Sequence[str], logger: MetricLogger, step: int) -> None:
@@ -82,7 +84,7 @@ def gallery_png(pred: SplitPredictions, classes: Sequence[str], limit: int = GAL
     order = misclassified(pred)[:limit]
     if not order:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(8, len(order))
     nrows = -(-len(order) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(1.6 * cols, 1.9 * nrows), dpi=80, squeeze=False)
@@ -93,7 +95,7 @@ def gallery_png(pred: SplitPredictions, classes: Sequence[str], limit: int = GAL
         ax.imshow(pred.thumbnails[i])
         ax.set_title(f"{classes[int(pred.targets[row])]}\n-> {classes[int(pred.outputs[row].argmax())]}", fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def class_names(pred: SplitPredictions, task: str, classes: Sequence[str]) -> List[str]:
@@ -115,7 +117,7 @@ def projection_png(features: np.ndarray, names: Sequence[str], method: str = "pc
     else:
         _, _, vt = np.linalg.svd(x, full_matrices=False)
         xy = x @ vt[:2].T
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5), dpi=80)
     for name in sorted(set(names)):
         rows = [i for i, n in enumerate(names) if n == name]
@@ -123,7 +125,7 @@ def projection_png(features: np.ndarray, names: Sequence[str], method: str = "pc
     ax.legend(fontsize=6, markerscale=2, loc="best")
     ax.set_title(f"test embeddings ({method.upper()}, {len(names)} samples)")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def write_embeddings(run_dir: Path, pred: SplitPredictions, task: str, classes: Sequence[str],

@@ -14,7 +14,7 @@ from finetune.data import LabelledTransform, make_transforms
 from finetune.encoder import create_encoder
 from finetune.analysis import write_analysis
 from finetune.labelled_job import LabelledJob
-from finetune.predictions import predict_split
+from finetune.predictions import THUMBNAILS, predict_split
 from finetune.losses import make_criterion
 from finetune.metrics import PRIMARY, compute_metrics
 from pretrain.mae import arch_metadata
@@ -26,7 +26,6 @@ from runtime.training import JobParts, TrainState
 
 log = logging.getLogger("finetune")
 BEST = "best.safetensors"
-THUMBNAILS = 1000  # test images kept small for the projector and the gallery of mistakes
 
 
 class Finetuning(LabelledJob):

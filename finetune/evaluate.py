@@ -10,9 +10,8 @@ from finetune.analysis import write_analysis
 from finetune.classifier import open_classifier
 from finetune.config import FinetuneConfig
 from finetune.data import LabelledTransform, eval_loader, resolve_dataset
-from finetune.engine import THUMBNAILS
 from finetune.metrics import PRIMARY, compute_metrics
-from finetune.predictions import predict_split
+from finetune.predictions import THUMBNAILS, predict_split
 from runtime import distributed
 from runtime.atomic import atomic_write_json
 from runtime.checkpoint import CheckpointError, CheckpointStore

@@ -14,10 +14,10 @@ from finetune.config import FinetuneConfig
 from finetune.data import LabelledTransform, eval_loader, make_transforms, resolve_dataset
 from finetune.encoder import create_encoder
 from finetune.analysis import write_analysis
-from finetune.engine import BEST, THUMBNAILS
+from finetune.engine import BEST
 from finetune.losses import ccc_loss
 from finetune.metrics import PRIMARY, compute_metrics
-from finetune.predictions import SplitPredictions, predict_split
+from finetune.predictions import THUMBNAILS, SplitPredictions, predict_split
 from runtime import distributed
 from pretrain.mae import arch_metadata
 from runtime.atomic import atomic_save_safetensors, atomic_write_json

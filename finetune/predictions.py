@@ -15,6 +15,7 @@ from runtime.atomic import atomic_write_bytes
 from runtime.precision import autocast
 
 THUMBNAIL_SIDE = 64
+THUMBNAILS = 1000  # test images kept small for the projector and the gallery of mistakes
 
 
 @dataclass

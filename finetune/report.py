@@ -157,11 +157,9 @@ def table_markdown(table: Dict[str, Any]) -> str:
 
 def table_plot(table: Dict[str, Any], path: str) -> None:
     """Grouped bars: a group per dataset, a bar per method, sd as error bars; a missing or failed cell has none."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from finetune.analysis import figure_png, pyplot
     from runtime.atomic import atomic_write_bytes
-    import io
+    plt = pyplot()
     methods, datasets = table["methods"], table["datasets"]
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(datasets) * max(1, len(methods)) * 0.5 + 2), 4), dpi=90)
@@ -175,10 +173,7 @@ def table_plot(table: Dict[str, Any], path: str) -> None:
     ax.set_ylabel("test metric (top-1 / mAP %)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

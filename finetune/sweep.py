@@ -238,9 +238,8 @@ def _fmt(v) -> str:
 
 
 def plot_curves(path: Path, rows: List[Dict[str, Any]]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from finetune.analysis import figure_png, pyplot
+    plt = pyplot()
     datasets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
@@ -251,10 +250,7 @@ def plot_curves(path: Path, rows: List[Dict[str, Any]]) -> None:
         if ax.get_legend_handles_labels()[0]:  # (a dataset whose every trial failed has no curve)
             ax.legend(fontsize=6)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig, dpi=80))
 
 
 def connect(address: str, nodes: int, timeout_s: float) -> None:

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.losses import ccc_loss
+
 
 class PerFrameHead(nn.Module):
     """Each frame's values from its own features alone: the reference a temporal head must beat."""
@@ -60,15 +62,6 @@ class TemporalTransformerHead(nn.Module):
         return self.head(self.norm(x))
 
 
-def masked_ccc(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """CCC per output over the valid frames of the whole batch (pooled), in fp32: (D,)."""
-    m = mask.reshape(-1).bool()
-    p, t = pred.reshape(-1, pred.shape[-1])[m].float(), target.reshape(-1, target.shape[-1])[m].float()
-    mp, mt = p.mean(0), t.mean(0)
-    cov = ((p - mp) * (t - mt)).mean(0)
-    return 2 * cov / (p.var(0, unbiased=False) + t.var(0, unbiased=False) + (mp - mt) ** 2 + 1e-8)
-
-
 def va_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked MSE + (1 - mean CCC) over the valid frames, in fp32 whatever the autocast: padded and unannotated
     frames (mask False) change neither term."""
@@ -76,7 +69,7 @@ def va_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tor
         m = mask.reshape(-1).bool()
         p = pred.reshape(-1, pred.shape[-1])[m].float()
         t = target.reshape(-1, target.shape[-1])[m].float()
-        return F.mse_loss(p, t) + 1 - masked_ccc(pred, target, mask).mean()
+        return F.mse_loss(p, t) + ccc_loss(p, t)  # CCC pooled over the batch's valid frames
 
 
 def window_starts(frames: int, size: int, stride: int) -> List[int]:
