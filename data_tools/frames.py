@@ -206,6 +206,13 @@ class ChunkSample:
         return members, record
 
 
+def target_mean(clips: Sequence[ClipSource]) -> Optional[List[float]]:
+    """Mean valence and arousal over the annotated frames that have an image (the train-mean reference)."""
+    values = [(v, a) for c in clips for p, v, a, ok in zip(c.frames, c.valence, c.arousal, c.valid)
+              if p is not None and ok]
+    return [sum(v for v, _ in values) / len(values), sum(a for _, a in values) / len(values)] if values else None
+
+
 def shard_frames(name: str, src: str, out: str, *, fmt: str, max_frames: int = 64, seed: int = 0,
                  ratios: Tuple[float, float, float] = (0.7, 0.15, 0.15), annotations: Optional[str] = None,
                  shard_size: int = 100, min_shards: int = 4, workers: int = 1, max_side: int = 256,
@@ -230,7 +237,8 @@ def shard_frames(name: str, src: str, out: str, *, fmt: str, max_frames: int = 6
         counts[split] = {"clips": len(clips_of), "frames": sum(len(c.frames) for c in clips_of),
                          "frames_not_annotated": sum(not v for c in clips_of for v in c.valid),
                          "frames_missing_image": sum(p is None for c in clips_of for p in c.frames),
-                         "subjects": len({c.subject for c in clips_of if c.subject})}
+                         "subjects": len({c.subject for c in clips_of if c.subject}),
+                         "target_mean": target_mean(clips_of)}
     info = {"dataset": name, "task": "temporal_regression", "kind": "frames", "format": fmt,
             "targets": ["valence", "arousal"], "scale": scale, "split_rule": rule, "seed": seed,
             "max_frames": max_frames, "splits": summary, "frames": counts, "source": str(src_path.resolve()),

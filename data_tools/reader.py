@@ -9,6 +9,7 @@ import itertools
 import math
 import os
 import random
+import re
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import braceexpand
@@ -28,6 +29,7 @@ from runtime.seeding import seed_everything
 
 LOADER_TIMEOUT_S = 900     # a worker that delivers no batch for this long is an error, never a silent hang
 LOADER_JOIN_TIMEOUT_S = 5
+FRAME_MEMBER = re.compile(r"f\d{4,}\.jpg")  # a clip chunk's frames (data_tools.frames)
 MAX_FAILED_SAMPLES = 1000  # samples in a row the transform rejects: a wrong transform or wrong shards, an error
 
 
@@ -139,7 +141,8 @@ def attach_sidecar(sidecar_dir: str, counter: CorruptCounter):
 def decode_samples(counter: CorruptCounter, image_format: str = "pil"):
     """Raw tar members -> {'__key__', '__url__', 'image', 'meta'}; unusable samples are dropped and counted.
     image_format: 'pil' (decoded RGB), 'lazy' (opened, decoded by the transform: data_tools.crops can then decode
-    a JPEG at draft scale; broken data are counted there) or 'torchvision' (uint8 CHW tensor)."""
+    a JPEG at draft scale; broken data are counted there), 'torchvision' (uint8 CHW tensor) or 'frames' (a clip
+    chunk of shard-frames: `frames`, its f0000.jpg ... members' bytes in order, decoded by the transform)."""
     import json
     from torchvision.io import ImageReadMode, decode_image
 
@@ -149,12 +152,16 @@ def decode_samples(counter: CorruptCounter, image_format: str = "pil"):
             if "json" not in sample:
                 counter.add("missing_json", where)
                 continue
-            if "jpg" not in sample:
+            frames = sorted((k for k in sample if FRAME_MEMBER.fullmatch(k)), key=lambda k: int(k[1:-4])) \
+                if image_format == "frames" else []
+            if (image_format == "frames" and not frames) or (image_format != "frames" and "jpg" not in sample):
                 counter.add("missing_image", where)
                 continue
             try:
                 meta = json.loads(sample["json"])
-                if image_format in ("pil", "lazy"):
+                if image_format == "frames":
+                    image = [sample[k] for k in frames]
+                elif image_format in ("pil", "lazy"):
                     image = Image.open(io.BytesIO(sample["jpg"]))  # the header only
                     if image_format == "pil":
                         image = load_rgb(image)
@@ -164,7 +171,8 @@ def decode_samples(counter: CorruptCounter, image_format: str = "pil"):
             except Exception as e:  # any undecodable member is a corrupt sample, never a crash
                 counter.add("corrupt_sample", f"{where}: {type(e).__name__}: {e}")
                 continue
-            out = {"__key__": sample["__key__"], "__url__": sample.get("__url__"), "image": image, "meta": meta}
+            out = {"__key__": sample["__key__"], "__url__": sample.get("__url__"), "meta": meta,
+                   ("frames" if image_format == "frames" else "image"): image}
             if "sidecar" in sample:
                 out["sidecar"] = sample["sidecar"]
             yield out

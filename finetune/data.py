@@ -153,15 +153,18 @@ class LabelledTransform:
                 "key": sample["__key__"]}
 
 
-def train_loader(info: DatasetInfo, transform, data_cfg, *, batches: int, seed: int, epoch: SharedEpoch) -> DataLoader:
-    """The run's one training loader (persistent workers; each pass at the position `epoch` holds)."""
+def train_loader(info: DatasetInfo, transform, data_cfg, *, batches: int, seed: int, epoch: SharedEpoch,
+                 **reading: Any) -> DataLoader:
+    """The run's one training loader (persistent workers; each pass at the position `epoch` holds); `reading`:
+    make_loader's image_format / sidecar_dir."""
     return make_loader(info.shards("train"), batch_size=data_cfg.batch_size, transform=transform,
                        num_workers=data_cfg.num_workers, seed=seed, epoch=epoch, rank=distributed.get_rank(),
                        world_size=distributed.get_world_size(), resampled=True, batches_per_epoch=batches,
-                       shuffle_buffer=data_cfg.shuffle_buffer, drop_last=True, persistent=True)
+                       shuffle_buffer=data_cfg.shuffle_buffer, drop_last=True, persistent=True, **reading)
 
 
-def eval_loader(info: DatasetInfo, split: str, transform, data_cfg) -> Optional[DataLoader]:
+def eval_loader(info: DatasetInfo, split: str, transform, data_cfg, batch_size: Optional[int] = None,
+                **reading: Any) -> Optional[DataLoader]:
     """Each sample of the split once, spread over the ranks (rank 0 alone when there are fewer shards than
     ranks); None on a rank with nothing to read."""
     shards = info.shards(split)
@@ -171,5 +174,6 @@ def eval_loader(info: DatasetInfo, split: str, transform, data_cfg) -> Optional[
         if rank is None:
             return None
     workers = min(data_cfg.num_workers, len(shards) // world)
-    return make_loader(shards, batch_size=data_cfg.batch_size, transform=transform, num_workers=workers,
-                       rank=rank, world_size=world, resampled=False, drop_last=False, shuffle_buffer=0)
+    return make_loader(shards, batch_size=batch_size or data_cfg.batch_size, transform=transform,
+                       num_workers=workers, rank=rank, world_size=world, resampled=False, drop_last=False,
+                       shuffle_buffer=0, **reading)

@@ -10,11 +10,17 @@ from torch import nn
 from data_tools.registry import MULTI_LABEL, REGRESSION, Task
 
 
-def ccc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - mean over outputs of the concordance correlation coefficient (differentiable)."""
-    mp, mt = pred.mean(0), target.mean(0)
-    cov = ((pred - mp) * (target - mt)).mean(0)
-    ccc = 2 * cov / (pred.var(0, unbiased=False) + target.var(0, unbiased=False) + (mp - mt) ** 2 + 1e-8)
+def ccc_loss(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1 - mean over outputs of the concordance correlation coefficient (differentiable); `weight` (N, 1), 1 for
+    the rows that count and 0 for the rest, masks rows out without indexing (no host sync), and with no row
+    counted the CCC is 0."""
+    if weight is None:
+        weight = torch.ones_like(pred[:, :1])
+    n = weight.sum().clamp(min=1)
+    mp, mt = (weight * pred).sum(0) / n, (weight * target).sum(0) / n
+    cov = (weight * (pred - mp) * (target - mt)).sum(0) / n
+    var_p, var_t = (weight * (pred - mp) ** 2).sum(0) / n, (weight * (target - mt) ** 2).sum(0) / n
+    ccc = 2 * cov / (var_p + var_t + (mp - mt) ** 2 + 1e-8)
     return 1 - ccc.mean()
 
 

@@ -4,7 +4,6 @@ windows stitched so that every frame is predicted once from the windows that cov
 from typing import Callable, List
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from finetune.losses import ccc_loss
@@ -66,10 +65,11 @@ def va_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tor
     """Masked MSE + (1 - mean CCC) over the valid frames, in fp32 whatever the autocast: padded and unannotated
     frames (mask False) change neither term."""
     with torch.autocast(pred.device.type, enabled=False):
-        m = mask.reshape(-1).bool()
-        p = pred.reshape(-1, pred.shape[-1])[m].float()
-        t = target.reshape(-1, target.shape[-1])[m].float()
-        return F.mse_loss(p, t) + ccc_loss(p, t)  # CCC pooled over the batch's valid frames
+        w = mask.reshape(-1, 1).float()  # a weight, not an index: no host sync, and a batch with no valid frame is 1
+        p = pred.reshape(-1, pred.shape[-1]).float()
+        t = target.reshape(-1, target.shape[-1]).float()
+        mse = (w * (p - t) ** 2).sum() / (w.sum().clamp(min=1) * p.shape[-1])
+        return mse + ccc_loss(p, t, w)  # CCC pooled over the batch's valid frames
 
 
 def window_starts(frames: int, size: int, stride: int) -> List[int]:
@@ -92,7 +92,7 @@ def stitch(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], feats:
     total, count = None, torch.zeros(t, 1)
     for s in window_starts(t, size, stride):
         window = feats[s:s + size].unsqueeze(0)
-        out = predict(window, torch.ones(window.shape[:2], dtype=torch.bool))[0].float().cpu()
+        out = predict(window, torch.ones(window.shape[:2], dtype=torch.bool, device=window.device))[0].float().cpu()
         total = torch.zeros(t, out.shape[-1]) if total is None else total
         total[s:s + out.shape[0]] += out
         count[s:s + out.shape[0]] += 1

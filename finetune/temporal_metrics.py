@@ -16,6 +16,7 @@ class Clip:
     pred: np.ndarray
     true: np.ndarray
     valid: Optional[np.ndarray] = None
+    index: Optional[np.ndarray] = None  # each frame's index in its clip (frames of missing images are absent)
 
     def frames(self):
         keep = np.ones(len(self.true), bool) if self.valid is None else np.asarray(self.valid, bool)
