@@ -104,10 +104,10 @@ def cache_frames(dataset: str, root: str, encoder_cfg: EncoderConfig, out: str, 
 def check_identity(stats_file: Path, identity: Dict[str, Any], cache: str) -> None:
     recorded = json.loads(stats_file.read_text()).get("encoder")
     if recorded != identity:
-        what = [k for k in identity if (recorded or {}).get(k) != identity[k]]
-        raise FrameCacheError(f"{cache} was made by another encoder ({stats_file.name} differs in {what}: "
-                              f"{(recorded or {}).get('source')} vs this run's {identity['source']}): make a new "
-                              f"cache for this encoder with `python -m finetune.cache_frames ... --out NEW_DIR`")
+        what = "; ".join(f"{k} {str((recorded or {}).get(k))[:16]} there, {str(identity[k])[:16]} here"
+                         for k in identity if (recorded or {}).get(k) != identity[k])
+        raise FrameCacheError(f"{cache} was made by another encoder ({stats_file.name}: {what}): make a new cache "
+                              f"for this encoder with `python -m finetune.cache_frames ... --out NEW_DIR`")
 
 
 def check_frame_cache(cache: str, info, identity: Dict[str, Any]) -> None:
