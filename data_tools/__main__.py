@@ -76,6 +76,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-side", type=int, default=256, help="longer frame side after re-encoding")
     p.add_argument("--quality", type=int, default=90)
 
+    p = sub.add_parser("video-to-frames", help="videos -> frame folders (PyAV, OpenCV fallback), optionally "
+                                               "cropped to the person or face per frame")
+    p.add_argument("videos", nargs="+", help="video files, or folders of them")
+    p.add_argument("--out", required=True, help="OUT/<video name>/00000.jpg ... + frames.json (reruns skip "
+                                                "finished videos)")
+    p.add_argument("--every", type=int, default=1, help="keep every n-th frame")
+    p.add_argument("--detect", default="none", help="per-frame crop: hog, face, hog+face, none, or "
+                                                    "torchvision:ARCH:/path/weights.pth")
+    p.add_argument("--backend", default="auto", choices=("auto", "pyav", "opencv"))
+    p.add_argument("--max-frames", type=int, help="at most this many frames per video")
+    p.add_argument("--max-side", type=int, default=256, help="longer frame side")
+    p.add_argument("--quality", type=int, default=90)
+
     p = sub.add_parser("crawl", help="download a URL list into shards")
     p.add_argument("annotations", help="CSV/TSV/parquet/JSONL with a url column (or FindingEmo's image_path)")
     p.add_argument("--name", default="web", help="dataset name recorded in each sample")
@@ -132,6 +145,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 max_side=args.max_side, quality=args.quality)
             print(json.dumps({"splits": info["splits"], "frames": info["frames"], "rule": info["split_rule"]},
                              indent=1))
+        elif args.command == "video-to-frames":
+            from data_tools.video import videos_to_frames
+            print(json.dumps(videos_to_frames(args.videos, args.out, every=args.every, detect=args.detect,
+                                              max_side=args.max_side, quality=args.quality, backend=args.backend,
+                                              max_frames=args.max_frames), indent=1))
         elif args.command == "crawl":
             from data_tools.crawl import crawl
             classes = None

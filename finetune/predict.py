@@ -1,4 +1,5 @@
-"""`python -m finetune.predict --checkpoint RUN_OR_FILE IMAGES...`: emotions of new images, as CSV or JSONL.
+"""`python -m finetune.predict --checkpoint RUN_OR_FILE IMAGES...`: emotions of new images, as CSV or JSONL; with
+a temporal run (finetune/temporal_main.py), per-frame valence/arousal of videos or frame folders, and their curves.
 
     python -m finetune.predict --checkpoint runs/ft_FI photos/ more/*.jpg shards/x/00000.tar --out preds.csv
     python -m finetune.predict --zero-shot --labels plutchik24.txt --checkpoint runs/vit_l16 \
@@ -9,6 +10,8 @@ is a fine-tuning run directory, a classifier exported by finetune.export, or a r
 models_vit) fine-tuned classifier .pth with --dataset naming its benchmark; its own evaluation transform is used.
 One row per input: top-k labels with probabilities (sigmoid scores for multi-label heads, valence/arousal for
 regression heads), or the reason it could not be read.
+
+    python -m finetune.predict --checkpoint runs/temporal clip.mp4 frames/clip7/ --detect face --out va.csv
 """
 import argparse
 import csv
@@ -173,9 +176,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--templates", default="emotion", help="zero-shot prompt templates: emotion, object, "
                                                                   "or a file with one per line")
     add_teacher_args(parser, "zero-shot: the teacher's weights file (default: the run's)")
+    parser.add_argument("--plot-dir", help="a temporal run: one curve PNG per input here (default: beside --out, "
+                                           "in OUT_curves/)")
+    parser.add_argument("--detect", default="none", help="a temporal run on videos: crop each frame to the person "
+                                                         "or face (hog, face, hog+face, none)")
+    parser.add_argument("--every", type=int, default=1, help="a temporal run on videos: every n-th frame")
     args = parser.parse_args(argv)
     setup_logging()
     try:
+        from finetune.predict_temporal import is_temporal_run, predict_temporal
+        if is_temporal_run(args.checkpoint):  # videos or frame folders: one row per frame, and a curve
+            plot_dir = args.plot_dir or (str(Path(args.out).with_name(Path(args.out).stem + "_curves"))
+                                         if args.out else None)
+            rows = predict_temporal(args.checkpoint, args.images, plot_dir, args.detect, args.every)
+            write_rows(rows, args.out)
+            return 0
         if args.zero_shot:
             from finetune.zeroshot import resolve_templates
             from runtime.checkpoint import load_checkpoint

@@ -11,15 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.cache_frames import check_frame_cache, frame_view
-from finetune.encoder import create_encoder
 from finetune.labelled_job import LabelledJob
 from finetune.temporal import masked_mean, stitch, va_loss
-from finetune.temporal_contrastive import (EmbeddingQueue, FrameProjector, clip_ids, global_infonce, local_infonce,
-                                           smoothness)
+from finetune.temporal_contrastive import EmbeddingQueue, clip_ids, global_infonce, local_infonce, smoothness
 from finetune.temporal_data import ClipTransform, gather_clips, resolve_frames
 from finetune.temporal_metrics import Clip, clip_mean_oracle, temporal_metrics, train_mean_predictor
-from finetune.temporal_model import (ClipModel, encoder_identity, load_trainable_state, make_head, param_groups,
-                                     prepare_encoder, trainable_state)
+from finetune.temporal_model import (ClipModel, assemble_clip_model, encoder_identity, load_trainable_state,
+                                     param_groups, trainable_state)
 from finetune.data import eval_loader, train_loader
 from runtime import distributed
 from runtime.atomic import atomic_save_safetensors, atomic_write_json
@@ -40,19 +38,11 @@ class ClipJobMixin:
         cfg, t = self.cfg, self.cfg.temporal
         self.info = resolve_frames(cfg.data.dataset, cfg.data.root)
         self.task = self.info.task
-        encoder, self.arch, self.source = create_encoder(cfg.encoder, 0)
-        dim = int(encoder.num_features)
-        self.img_size = int(encoder.patch_embed.img_size[0])
         self.cached = t.encoder_mode == "cached"
+        model, encoder, self.arch, self.source = assemble_clip_model(cfg, with_head, self.cached)
+        self.img_size = int(encoder.patch_embed.img_size[0])
         if self.cached:
             check_frame_cache(cfg.data.cache, self.info, encoder_identity(encoder, self.source, self.arch))
-            encoder = None
-        else:
-            prepare_encoder(encoder, t)
-        projector = FrameProjector(dim, cfg.contrastive.dim) if cfg.train.stage == 1 or t.stage1 else None
-        dim = cfg.contrastive.dim if projector is not None else dim
-        model = ClipModel(encoder, make_head(t, dim) if with_head else None, projector,
-                          frozen=t.encoder_mode == "frozen")
         if t.stage1:
             path = Path(t.stage1)
             path = path / STAGE1 if path.is_dir() else path

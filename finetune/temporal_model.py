@@ -9,8 +9,10 @@ import torch
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from finetune.encoder import create_encoder
 from finetune.lora import apply_lora
 from finetune.temporal import MeanPoolHead, PerFrameHead, TemporalTransformerHead
+from finetune.temporal_contrastive import FrameProjector
 
 
 class ClipModel(nn.Module):
@@ -58,6 +60,23 @@ def prepare_encoder(encoder: nn.Module, cfg) -> None:
     elif cfg.encoder_mode != "full":
         for p in encoder.parameters():
             p.requires_grad_(False)
+
+
+def assemble_clip_model(cfg, with_head: bool = True, cached: bool = False):
+    """The model a temporal config describes: (model, the encoder as built, its arch, where its weights came from).
+    With `cached` the model has no encoder (its features come from a cache; the encoder is returned for its
+    identity). The same calls in the same order for a run and for prediction from it, so that a seeded scratch
+    encoder comes out identical."""
+    t = cfg.temporal
+    encoder, arch, source = create_encoder(cfg.encoder, 0)
+    dim = int(encoder.num_features)
+    if not cached:
+        prepare_encoder(encoder, t)
+    projector = FrameProjector(dim, cfg.contrastive.dim) if cfg.train.stage == 1 or t.stage1 else None
+    dim = cfg.contrastive.dim if projector is not None else dim
+    model = ClipModel(None if cached else encoder, make_head(t, dim) if with_head else None, projector,
+                      frozen=t.encoder_mode in ("frozen", "cached"))
+    return model, encoder, arch, source
 
 
 def param_groups(model: ClipModel, cfg, weight_decay: float) -> List[Dict[str, Any]]:
