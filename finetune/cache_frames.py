@@ -10,14 +10,17 @@ completion marker, with the encoder's identity (source, architecture, input size
 skips finished shards, and the temporal job refuses a cache made by another encoder.
 """
 import argparse
+import io
 import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-import numpy as np
 import torch
+from PIL import Image
 
+from data_tools.images import load_rgb
+from data_tools.reader import FRAME_MEMBER
 from data_tools.tars import read_tar
 from data_tools.writer import atomic_tar
 from finetune.config import EncoderConfig
@@ -51,10 +54,6 @@ def frame_view(img_size: int):
 def cache_shard(encoder, view, shard: Path, out_dir: Path, identity: Dict[str, Any], device, precision: str,
                 batch_size: int, dtype: str) -> Dict[str, Any]:
     """One shard's features (atomically), then its stats file, the completion marker."""
-    from PIL import Image
-    import io
-    from data_tools.images import load_rgb
-    from data_tools.reader import FRAME_MEMBER
     members, error = read_tar(shard)
     if error:
         raise FrameCacheError(f"{shard}: unreadable shard ({error})")

@@ -3,7 +3,7 @@ RUN VIDEO_OR_FOLDER ...` when RUN is a temporal run): rows of (input, frame, tim
 and one curve PNG per input; frames are predicted from stitched windows as the run evaluated them."""
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

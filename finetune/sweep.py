@@ -3,7 +3,8 @@ ASHA; results.md, results.csv and a plot of every trial's validation curve.
 
     python -m finetune.sweep --config configs/sweep/benchmarks.yaml --datasets FI Emotion6 [--address auto]
 
-Each trial is one fine-tuning run (finetune.engine) in a Ray worker, reporting the validation metric every epoch;
+Each trial is one fine-tuning run (finetune.engine; `job: temporal`: one temporal valence/arousal run,
+finetune.temporal_job) in a Ray worker, reporting the validation metric every epoch;
 a trial that raises is retried `max_failures` times, then marked failed — the sweep goes on and reports it.
 """
 import argparse
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from finetune.config import FinetuneConfig
 from runtime.atomic import atomic_write_bytes, atomic_write_text
 from runtime.cli import HelpFormatter, parse_cli
 from runtime.config import ConfigError, load_config
@@ -43,7 +43,8 @@ class SchedulerConfig:
 class SweepConfig:
     output_dir: str                                          # required
     datasets: Dict[str, str]                                 # required: name -> root (shards or image folder)
-    base_config: Optional[str] = None                        # a finetune YAML the trials start from
+    job: str = "finetune"                                    # finetune (finetune/main.py) or temporal (clips)
+    base_config: Optional[str] = None                        # a YAML of that job the trials start from
     base_overrides: List[str] = field(default_factory=list)  # applied after base_config, before the trial's values
     search_space: Dict[str, Dict[str, List[Any]]] = field(default_factory=dict)  # key -> {kind: [args]}
     num_samples: int = 4
@@ -55,7 +56,20 @@ class SweepConfig:
 
 # fine-tuning keys that name files: relative values are read from the directory the sweep was started in, not
 # from the Ray worker's (each trial runs in a directory of its own, possibly on another node)
-PATH_KEYS = ("encoder.checkpoint", "data.root")
+PATH_KEYS = ("encoder.checkpoint", "data.root", "data.cache", "temporal.stage1")
+
+
+JOBS = {"finetune": ("finetune.config", "FinetuneConfig", "finetune.engine", "Finetuning"),
+        "temporal": ("finetune.temporal_config", "TemporalConfig", "finetune.temporal_job", "TemporalRegression")}
+
+
+def job_classes(name: str):
+    """(config class, job class) of a sweep's `job`."""
+    import importlib
+    if name not in JOBS:
+        raise ConfigError(f"job: {name!r} is not one of {sorted(JOBS)}")
+    config_module, config, job_module, job = JOBS[name]
+    return getattr(importlib.import_module(config_module), config), getattr(importlib.import_module(job_module), job)
 
 
 def absolute_value(key: str, value: Any, cwd: Path) -> Any:
@@ -79,10 +93,11 @@ def check_space(cfg: SweepConfig) -> None:
     """Every searched key must be a fine-tuning config key, and each listed value (choice, grid) or bound must fit
     it; an encoder checkpoint must exist. An error names the key or value that does not, before Ray starts."""
     base = [*cfg.base_overrides, "run.output_dir=x", "data.dataset=x"]
+    schema, _ = job_classes(cfg.job)
     try:
-        base_cfg = load_config(FinetuneConfig, cfg.base_config, base)
+        base_cfg = load_config(schema, cfg.base_config, base)
     except ConfigError as e:
-        raise ConfigError(f"base_overrides do not fit the fine-tuning config: {e}") from None
+        raise ConfigError(f"base_overrides do not fit the {cfg.job} config: {e}") from None
     if base_cfg.encoder.checkpoint and not Path(base_cfg.encoder.checkpoint).exists():
         raise ConfigError(f"base_overrides: encoder.checkpoint={base_cfg.encoder.checkpoint} does not exist (relative "
                           f"paths are read from the directory the sweep starts in)")
@@ -92,9 +107,9 @@ def check_space(cfg: SweepConfig) -> None:
         kind, args = next(iter(spec.items()))
         for sample in args:
             try:
-                load_config(FinetuneConfig, cfg.base_config, [*base, f"{key}={sample}"])
+                load_config(schema, cfg.base_config, [*base, f"{key}={sample}"])
             except ConfigError as e:
-                raise ConfigError(f"search_space: parameter {key!r} value {sample!r} does not fit the fine-tuning "
+                raise ConfigError(f"search_space: parameter {key!r} value {sample!r} does not fit the {cfg.job} "
                                   f"config: {e}") from None
 
 
@@ -107,11 +122,10 @@ def to_tune_space(space: Dict[str, Dict[str, List[Any]]]) -> Dict[str, Any]:
 
 
 def run_trial(config: Dict[str, Any]) -> None:
-    """The Ray Tune trainable: one fine-tuning run with this trial's values, reporting val every epoch."""
+    """The Ray Tune trainable: one run of the sweep's job with this trial's values, reporting val every epoch."""
     from ray import tune
 
     from finetune.data import patch_timm_posterize
-    from finetune.engine import Finetuning
     from runtime import distributed
     from runtime.launcher_watch import exit_with_launcher
     exit_with_launcher("ray", "the Ray node's raylet")  # a trial ends with the raylet that started it
@@ -120,7 +134,8 @@ def run_trial(config: Dict[str, Any]) -> None:
     trial_dir = Path(meta["output_dir"]) / "trials" / meta["dataset"] / tune.get_context().get_trial_id()
     overrides = [*meta["base_overrides"], *(f"{k}={v}" for k, v in params.items()),
                  f"data.dataset={meta['dataset']}", f"data.root={meta['root']}", f"run.output_dir={trial_dir}"]
-    cfg = load_config(FinetuneConfig, meta["base_config"], overrides)
+    schema, job_class = job_classes(meta["job"])
+    cfg = load_config(schema, meta["base_config"], overrides)
 
     last: Dict[str, Any] = {}
 
@@ -133,7 +148,7 @@ def run_trial(config: Dict[str, Any]) -> None:
             last.update(row)  # the last epoch is reported after the test: a scheduler may stop a trial at max_t
     patch_timm_posterize()
     env = distributed.init_distributed(distributed.resolve_env(), cfg.run.dist_timeout_s)
-    job = Finetuning(cfg, env, on_epoch=report)
+    job = job_class(cfg, env, on_epoch=report)
     result = job.run()
     if last:
         tune.report({**last, "test_metric": float(result["test"][result["primary_metric"]])})
@@ -145,7 +160,8 @@ def sweep_dataset(cfg: SweepConfig, dataset: str, root: str, address: Optional[s
     scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.scheduler.max_t, grace_period=cfg.scheduler.grace_period,
                               reduction_factor=cfg.scheduler.reduction_factor) \
         if cfg.scheduler.name == "asha" else FIFOScheduler()
-    meta = {"dataset": dataset, "root": str(Path(root).resolve()), "output_dir": str(Path(cfg.output_dir).resolve()),
+    meta = {"dataset": dataset, "job": cfg.job, "root": str(Path(root).resolve()),
+            "output_dir": str(Path(cfg.output_dir).resolve()),
             "base_config": str(Path(cfg.base_config).resolve()) if cfg.base_config else None,
             "base_overrides": cfg.base_overrides}
     tuner = tune.Tuner(

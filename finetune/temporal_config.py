@@ -30,6 +30,7 @@ class TemporalModelConfig:
     lora_alpha: float = bounded(16.0, 0, open_low=True)
     lora_targets: List[str] = field(default_factory=lambda: ["q", "v"])
     lora_blocks: int = bounded(1, 0)             # the last k blocks get adapters (0: every block)
+    lora_lr_scale: float = bounded(1.0, 0, open_low=True)  # the adapters' lr over the head's (the study: 8)
     layer_decay: float = bounded(0.75, 0, 1, open_low=True)  # encoder_mode=full
     stage1: Optional[str] = must_exist(None)     # a stage-1 run (train.stage=1) whose adapters/encoder start stage 2
     shuffle_control: bool = True                 # also score test with each clip's frames shuffled
@@ -40,7 +41,7 @@ class ContrastiveConfig:
     """Stage 1 (train.stage=1): InfoNCE between adjacent frames (a queue of past frames as extra negatives) and
     between a clip and its frames, positives weighted by V/A similarity, plus a smoothness penalty."""
     dim: int = bounded(128, 1)                   # the frame projector: feature -> feature -> dim, L2-normalised
-    queue: int = bounded(4096, 0)
+    queue: int = bounded(512, 0)                 # past frames as negatives (4,096 collapsed the study's stage 1)
     local_temperature: float = bounded(0.1, 0, open_low=True)
     global_temperature: float = bounded(0.1, 0, open_low=True)
     va_sigma: float = bounded(0.5, 0, open_low=True)  # weight of a positive pair exp(-|dVA|^2 / (2 sigma^2))

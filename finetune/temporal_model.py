@@ -80,17 +80,21 @@ def assemble_clip_model(cfg, with_head: bool = True, cached: bool = False):
 
 
 def param_groups(model: ClipModel, cfg, weight_decay: float) -> List[Dict[str, Any]]:
-    """What AdamW steps: the trainable parameters only (the adapters, head and projector; the whole encoder with
-    timm's layer decay under encoder_mode=full); norms, biases and embeddings without weight decay."""
+    """What AdamW steps: the trainable parameters only (the adapters at temporal.lora_lr_scale times the lr, head
+    and projector; the whole encoder with timm's layer decay under encoder_mode=full); norms, biases and the time
+    embedding without weight decay."""
     groups: List[Dict[str, Any]] = []
     rest = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if cfg.encoder_mode == "full" and model.encoder is not None:
         groups += param_groups_layer_decay(model.encoder, weight_decay, model.encoder.no_weight_decay(),
                                            layer_decay=cfg.layer_decay)
         rest = {n: p for n, p in rest.items() if not n.startswith("encoder.")}
+    adapters = [p for n, p in rest.items() if ".lora_" in n]
+    rest = {n: p for n, p in rest.items() if ".lora_" not in n}
     decay = [p for n, p in rest.items() if p.ndim > 1 and not n.endswith(".time")]
     no_decay = [p for n, p in rest.items() if not (p.ndim > 1 and not n.endswith(".time"))]
-    groups += [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": adapters, "weight_decay": weight_decay, "lr_scale": cfg.lora_lr_scale},
+               {"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 

@@ -98,3 +98,29 @@ def test_unknown_parameter_is_refused(two_datasets, tmp_path, capsys, monkeypatc
     path = sweep_config(tmp_path, two_datasets, {}, encoder="encoder.checkpoint=runs/vit_l16")
     assert sweep_main(["--config", str(path)]) == 2
     assert f"encoder.checkpoint={tmp_path}/runs/vit_l16 does not exist" in capsys.readouterr().err
+
+
+def test_a_temporal_sweep_runs_the_clip_job(tmp_path):
+    """`job: temporal`: each trial is a temporal valence/arousal run; its test CCC is the one its run wrote."""
+    from frame_data import clip_shards
+    roots = {"toyva": str(clip_shards(tmp_path / "clips"))}
+    cfg = {"output_dir": str(tmp_path / "sweep"), "datasets": roots, "job": "temporal",
+           "base_config": str(REPO / "configs/temporal/tiny.yaml"),
+           "base_overrides": ["encoder.from_scratch=true", "train.epochs=2", "temporal.shuffle_control=false"],
+           "search_space": {"temporal.head": {"grid": ["per_frame", "transformer"]}}, "num_samples": 1,
+           "scheduler": {"name": "fifo"}, "resources_per_trial": {"cpu": 1}, "max_failures": 0}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert sweep_main(["--config", str(path), "--num-cpus", "2"]) == 0
+    rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    assert sorted(r["temporal.head"] for r in rows) == ["per_frame", "transformer"]
+    assert all(r["status"] == "completed" and int(r["epochs"]) == 2 for r in rows)
+    for r in rows:
+        (trial,) = [json.loads(p.read_text()) for p in (tmp_path / "sweep" / "trials" / "toyva").glob("*/metrics.json")
+                    if json.loads(p.read_text())["head"] == r["temporal.head"]]
+        assert float(r["test"]) == pytest.approx(trial["test"]["ccc"])
+    assert "| toyva | ccc |" in (tmp_path / "sweep" / "results.md").read_text()
+    # a key the temporal job does not have is refused before Ray starts
+    cfg["search_space"] = {"aug.mixup": {"grid": [0.1]}}
+    path.write_text(yaml.safe_dump(cfg))
+    assert sweep_main(["--config", str(path)]) == 2

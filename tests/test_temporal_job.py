@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.cache_frames import FrameCacheError, cache_frames, frame_view
+from finetune.cache_frames import cache_frames, frame_view
 from finetune.config import EncoderConfig
 from finetune.encoder import create_encoder
 from finetune.metrics import ccc
