@@ -61,6 +61,7 @@ PATH_KEYS = ("encoder.checkpoint", "data.root", "data.cache", "temporal.stage1")
 
 JOBS = {"finetune": ("finetune.config", "FinetuneConfig", "finetune.engine", "Finetuning"),
         "temporal": ("finetune.temporal_config", "TemporalConfig", "finetune.temporal_job", "TemporalRegression")}
+JOB_NAMES = {"finetune": "fine-tuning", "temporal": "temporal"}
 
 
 def job_classes(name: str):
@@ -97,7 +98,7 @@ def check_space(cfg: SweepConfig) -> None:
     try:
         base_cfg = load_config(schema, cfg.base_config, base)
     except ConfigError as e:
-        raise ConfigError(f"base_overrides do not fit the {cfg.job} config: {e}") from None
+        raise ConfigError(f"base_overrides do not fit the {JOB_NAMES[cfg.job]} config: {e}") from None
     if base_cfg.encoder.checkpoint and not Path(base_cfg.encoder.checkpoint).exists():
         raise ConfigError(f"base_overrides: encoder.checkpoint={base_cfg.encoder.checkpoint} does not exist (relative "
                           f"paths are read from the directory the sweep starts in)")
@@ -109,8 +110,8 @@ def check_space(cfg: SweepConfig) -> None:
             try:
                 load_config(schema, cfg.base_config, [*base, f"{key}={sample}"])
             except ConfigError as e:
-                raise ConfigError(f"search_space: parameter {key!r} value {sample!r} does not fit the {cfg.job} "
-                                  f"config: {e}") from None
+                raise ConfigError(f"search_space: parameter {key!r} value {sample!r} does not fit the "
+                                  f"{JOB_NAMES[cfg.job]} config: {e}") from None
 
 
 def to_tune_space(space: Dict[str, Dict[str, List[Any]]]) -> Dict[str, Any]:

@@ -100,7 +100,7 @@ def test_unknown_parameter_is_refused(two_datasets, tmp_path, capsys, monkeypatc
     assert f"encoder.checkpoint={tmp_path}/runs/vit_l16 does not exist" in capsys.readouterr().err
 
 
-def test_a_temporal_sweep_runs_the_clip_job(tmp_path):
+def test_a_temporal_sweep_runs_the_clip_job(tmp_path, capsys):
     """`job: temporal`: each trial is a temporal valence/arousal run; its test CCC is the one its run wrote."""
     from frame_data import clip_shards
     roots = {"toyva": str(clip_shards(tmp_path / "clips"))}
@@ -124,3 +124,4 @@ def test_a_temporal_sweep_runs_the_clip_job(tmp_path):
     cfg["search_space"] = {"aug.mixup": {"grid": [0.1]}}
     path.write_text(yaml.safe_dump(cfg))
     assert sweep_main(["--config", str(path)]) == 2
+    assert "parameter 'aug.mixup' value 0.1 does not fit the temporal config" in capsys.readouterr().err

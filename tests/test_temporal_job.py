@@ -159,6 +159,27 @@ def test_feature_cache_matches_the_encoder_and_refuses_another(clips, tmp_path, 
     assert "lacks features for 1 of" in err and "val/" in err
 
 
+def test_full_fine_tuning_trains_every_encoder_weight_with_layer_decay(clips, tmp_path):
+    out = tmp_path / "full"
+    assert temporal_main(args(clips, out, "temporal.encoder_mode=full", "train.epochs=1",
+                              "temporal.shuffle_control=false", "temporal.head=mean_pool")) == 0
+    best = load_file(str(out / "best.safetensors"))
+    init = scratch_encoder().state_dict()
+    assert {f"encoder.{k}" for k in init} <= set(best)  # the whole encoder is the run's
+    assert not torch.equal(best["encoder.blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+    # timm's layer decay on the encoder's groups; the head at the full lr; every trained weight in one group
+    from finetune.temporal_config import TemporalConfig
+    from finetune.temporal_model import assemble_clip_model, param_groups
+    from runtime.config import load_config
+    cfg = load_config(TemporalConfig, str(out / "config.yaml"), [])
+    model = assemble_clip_model(cfg)[0]
+    groups = param_groups(model, cfg.temporal, 0.05)
+    scales = [g.get("lr_scale", 1.0) for g in groups]
+    assert min(scales) == pytest.approx(0.75 ** 3) and max(scales) == 1.0  # tiny: 2 blocks, embeddings at depth 0
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+
+
 def test_bad_input_names_what_is_wrong(clips, tmp_path, capfd):
     assert temporal_main(args(clips, tmp_path / "a", "--dataset", "afew")) == 3
     err = capfd.readouterr().err
