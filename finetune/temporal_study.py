@@ -256,19 +256,23 @@ def _ci(interval) -> str:
     return f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "-"
 
 
+def _mean_sd(values) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+
+
 def table(results: Dict[int, Dict[str, Dict]]) -> str:
-    """Mean CCC (V, A) over the seeds, pooled and per clip, with the first seed's bootstrap intervals."""
+    """Mean ± sample sd over the seeds of the pooled and per-clip CCC (mean of V and A), with the first seed's
+    clip-bootstrap 95 % intervals of each target."""
     seeds = sorted(results)
-    lines = [f"| model | pooled CCC (mean ± sd over {len(seeds)} seeds) | 95 % CI (seed {seeds[0]}) | per-clip CCC | "
-             f"valence RMSE |", "|---|---|---|---|---|"]
+    lines = [f"| model | pooled CCC ({len(seeds)} seeds) | 95 % CI, seed {seeds[0]} | per-clip CCC | 95 % CI, seed "
+             f"{seeds[0]} | valence RMSE |", "|---|---|---|---|---|---|"]
     for name in results[seeds[0]]:
-        pooled = [results[s][name]["ccc"] for s in seeds]
-        per = [results[s][name]["ccc_per_clip"] for s in seeds]
-        rmse = [results[s][name]["valence"]["rmse"] for s in seeds]
         first = results[seeds[0]][name]
-        ci = f"V {_ci(first['valence']['ccc_ci95'])} A {_ci(first['arousal']['ccc_ci95'])}"
-        lines.append(f"| {name} | {np.mean(pooled):.3f} ± {np.std(pooled):.3f} | {ci} | "
-                     f"{np.mean(per):.3f} ± {np.std(per):.3f} | {np.mean(rmse):.3f} |")
+        pooled_ci = f"V {_ci(first['valence']['ccc_ci95'])} A {_ci(first['arousal']['ccc_ci95'])}"
+        per_ci = f"V {_ci(first['valence']['ccc_per_clip_ci95'])} A {_ci(first['arousal']['ccc_per_clip_ci95'])}"
+        lines.append(f"| {name} | {_mean_sd([results[s][name]['ccc'] for s in seeds])} | {pooled_ci} | "
+                     f"{_mean_sd([results[s][name]['ccc_per_clip'] for s in seeds])} | {per_ci} | "
+                     f"{np.mean([results[s][name]['valence']['rmse'] for s in seeds]):.3f} |")
     return "\n".join(lines)
 
 
