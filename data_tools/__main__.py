@@ -101,6 +101,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--retries", type=int, default=2, help="retries on timeouts, 5xx and 429")
     p.add_argument("--max-bytes", type=int, default=20_000_000, help="refuse larger downloads")
     p.add_argument("--max-seconds", type=float, default=60.0, help="give up on an answer still arriving after this")
+    p.add_argument("--allow-private", action="store_true",
+                   help="also connect to loopback, link-local and private addresses (default: public ones only)")
+    p.add_argument("--allow-cidr", nargs="+", default=[], metavar="CIDR",
+                   help="also connect to these networks (e.g. 10.1.0.0/16 for an image server inside a cluster)")
     _image_args(p, min_shards=1)
 
     p = sub.add_parser("idx-to-folder", help="MNIST-format IDX files -> class-folder tree (e.g. Fashion-MNIST)")
@@ -161,7 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             max_bytes=args.max_bytes, max_seconds=args.max_seconds, classes=classes,
                             url_column=args.url_column,
                             label_column=args.label_column, caption_column=args.caption_column,
-                            url_map=args.url_map, options=_options(args))
+                            url_map=args.url_map, options=_options(args), allow_private=args.allow_private,
+                            allow_cidrs=args.allow_cidr)
             print(json.dumps(summary, indent=1))
         elif args.command == "idx-to-folder":
             from data_tools.idx import idx_to_folder

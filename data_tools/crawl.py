@@ -10,6 +10,7 @@ import pandas as pd
 import requests
 import urllib3
 
+from data_tools.address_guard import AddressPolicy, BlockedAddress, guarded_session
 from data_tools.images import ImageError
 from data_tools.registry import SINGLE_LABEL, UNLABELLED
 from data_tools.samples import ImageOptions, SampleBuilder
@@ -93,16 +94,18 @@ def read_annotations(path: str, url_column: Optional[str] = None, label_column: 
 
 
 def fetch(url: str, timeout: float = 10.0, retries: int = 2, max_bytes: int = 20_000_000,
-          session: Optional[requests.Session] = None, max_seconds: float = 60.0) -> bytes:
+          session: Optional[requests.Session] = None, max_seconds: float = 60.0,
+          policy: Optional[AddressPolicy] = None) -> bytes:
     """GET an image over http(s) with a byte cap and a time cap (`timeout` per connection or read, `max_seconds`
     for a whole answer, so a server that trickles bytes cannot hold a thread); transient failures (timeouts, 5xx,
-    429) are retried. Redirects are followed up to MAX_REDIRECTS, to http(s) only."""
+    429) are retried. Redirects are followed up to MAX_REDIRECTS, to http(s) only. Every connection, the
+    redirects' too, goes only where `policy` allows (default: public addresses; data_tools.address_guard); a
+    `session` given must be made by guarded_session."""
     scheme = urlparse(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise DownloadError("bad_scheme", f"{url}: only http and https URLs are fetched")
     if session is None:
-        session = requests.Session()
-        session.max_redirects = MAX_REDIRECTS
+        session = guarded_session(policy or AddressPolicy(), MAX_REDIRECTS)
     last: Optional[DownloadError] = None
     for _ in range(retries + 1):
         try:
@@ -119,6 +122,8 @@ def fetch(url: str, timeout: float = 10.0, retries: int = 2, max_bytes: int = 20
                 if not declared.isdigit() or int(declared) > max_bytes:
                     raise DownloadError("too_large", f"{url}: Content-Length {declared[:40]} > {max_bytes} bytes")
                 return _read_body(r, url, max_bytes, max_seconds)
+        except BlockedAddress as e:
+            raise DownloadError("blocked_address", f"{url}: {e}") from None
         except requests.TooManyRedirects:
             raise DownloadError("redirect_loop", f"{url}: more than {MAX_REDIRECTS} redirects") from None
         except requests.exceptions.InvalidSchema as e:
@@ -156,8 +161,8 @@ class CrawlSample:
     """Picklable shard job body: download an item (its URLs tried in order) and build its sample."""
 
     def __init__(self, builder: SampleBuilder, split: str, timeout: float, retries: int, max_bytes: int,
-                 max_seconds: float = 60.0):
-        self.builder, self.split = builder, split
+                 max_seconds: float = 60.0, policy: Optional[AddressPolicy] = None):
+        self.builder, self.split, self.policy = builder, split, policy or AddressPolicy()
         self.timeout, self.retries, self.max_bytes, self.max_seconds = timeout, retries, max_bytes, max_seconds
 
     def __call__(self, item: Dict[str, Any]):
@@ -171,7 +176,8 @@ class CrawlSample:
         error: Exception = DownloadError("missing_url", "no URL")
         for url in item["urls"]:
             try:
-                data = fetch(url, self.timeout, self.retries, self.max_bytes, max_seconds=self.max_seconds)
+                data = fetch(url, self.timeout, self.retries, self.max_bytes, max_seconds=self.max_seconds,
+                             policy=self.policy)
                 return self.builder.build(data, split=self.split, source=url, label=label, text=item["caption"],
                                           caption=item["caption"], valence=item.get("valence"),
                                           arousal=item.get("arousal"))
@@ -185,17 +191,21 @@ def crawl(annotations: str, out: str, *, name: str = "web", split: str = "train"
           max_bytes: int = 20_000_000, max_seconds: float = 60.0, classes: Optional[Sequence[str]] = None,
           url_column: Optional[str] = None,
           label_column: Optional[str] = None, caption_column: Optional[str] = None, url_map: Optional[str] = None,
-          options: Optional[ImageOptions] = None) -> Dict[str, Any]:
-    """Download every row's image into out/NNNNN.tar (+ _stats.json, _status.jsonl); finished shards are skipped."""
+          options: Optional[ImageOptions] = None, allow_private: bool = False,
+          allow_cidrs: Sequence[str] = ()) -> Dict[str, Any]:
+    """Download every row's image into out/NNNNN.tar (+ _stats.json, _status.jsonl); finished shards are skipped.
+    Only public addresses are connected to unless `allow_private` or `allow_cidrs` say otherwise; a refused URL is
+    a `blocked_address` failure."""
     options = options or ImageOptions()
+    policy = AddressPolicy.from_args(allow_private, allow_cidrs)
     items = read_annotations(annotations, url_column, label_column, caption_column, url_map)
     if classes is None:
         classes = sorted({i["label_name"] for i in items if i["label_name"] is not None})
     builder = SampleBuilder(name, classes, options)
     out_path = Path(out)
     tasks = plan_shards(out_path, split, items, shard_size, min_shards, options)
-    stats = run_shard_tasks(tasks, CrawlSample(builder, split, timeout, retries, max_bytes, max_seconds), workers,
-                            desc=f"crawl {name}", threads=threads)
+    stats = run_shard_tasks(tasks, CrawlSample(builder, split, timeout, retries, max_bytes, max_seconds, policy),
+                            workers, desc=f"crawl {name}", threads=threads)
     summary = finalize_split(out_path, stats)
     log.info("crawl %s: %d of %d rows downloaded, failures: %s", name, summary["samples"], len(items),
              summary["failures"])

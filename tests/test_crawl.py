@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 
+from data_tools.address_guard import AddressPolicy
 from data_tools.crawl import DownloadError, crawl, fetch, read_annotations
 from data_tools.samples import ImageOptions
 from data_tools.verify import verify
@@ -14,10 +15,12 @@ from data_tools.verify import verify
 from image_data import jpeg_bytes, photo_crop
 
 NO_DETECT = ImageOptions(detector="none")
+LOOPBACK = AddressPolicy(allow_private=True)  # the opt-in every test that crawls the 127.0.0.1 server passes
 
 
 class Handler(BaseHTTPRequestHandler):
     hits: dict = {}
+    redirect_to = "/img/1.jpg"
 
     def log_message(self, *args):
         pass
@@ -69,6 +72,10 @@ class Handler(BaseHTTPRequestHandler):
                     time.sleep(1)
             except OSError:
                 pass
+        elif self.path == "/redirect.jpg":
+            self.send_response(302)
+            self.send_header("Location", Handler.redirect_to)
+            self.end_headers()
         elif self.path == "/loop.jpg":
             self.send_response(302)
             self.send_header("Location", "/loop.jpg")
@@ -101,19 +108,19 @@ def server():
 
 
 def test_fetch_errors(server):
-    assert fetch(f"{server}/img/1.jpg")[:2] == b"\xff\xd8"
+    assert fetch(f"{server}/img/1.jpg", policy=LOOPBACK)[:2] == b"\xff\xd8"
     cases = {f"{server}/missing.jpg": "http_404", f"{server}/page.jpg": "not_an_image",
              f"{server}/big.jpg": "too_large", "file:///etc/passwd": "bad_scheme", "ftp://x/y.jpg": "bad_scheme",
              "http://127.0.0.1:9/nothing.jpg": "connection_error"}
     for url, reason in cases.items():
         with pytest.raises(DownloadError) as e:
-            fetch(url, timeout=2, retries=0, max_bytes=200_000)
+            fetch(url, timeout=2, retries=0, max_bytes=200_000, policy=LOOPBACK)
         assert e.value.reason == reason, url
     with pytest.raises(DownloadError) as e:
-        fetch(f"{server}/slow.jpg", timeout=0.3, retries=1)
+        fetch(f"{server}/slow.jpg", timeout=0.3, retries=1, policy=LOOPBACK)
     assert e.value.reason == "timeout"
     assert Handler.hits["/slow.jpg"] == 2  # the timeout was retried once
-    assert fetch(f"{server}/flaky.jpg", retries=1)[:2] == b"\xff\xd8" and Handler.hits["/flaky.jpg"] == 2
+    assert fetch(f"{server}/flaky.jpg", retries=1, policy=LOOPBACK)[:2] == b"\xff\xd8" and Handler.hits["/flaky.jpg"] == 2
 
 
 def test_crawl_csv_status_table_and_rerun(server, tmp_path):
@@ -129,7 +136,8 @@ def test_crawl_csv_status_table_and_rerun(server, tmp_path):
     csv = tmp_path / "urls.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     out = tmp_path / "web"
-    summary = crawl(str(csv), str(out), shard_size=5, threads=4, timeout=0.5, retries=1, options=NO_DETECT)
+    summary = crawl(str(csv), str(out), shard_size=5, threads=4, timeout=0.5, retries=1, options=NO_DETECT,
+                    allow_private=True)
     assert summary["samples"] == 8 and summary["failed"] == 5 and summary["shards"] == 3
     assert summary["failures"] == {"http_404": 1, "not_an_image": 1, "timeout": 1, "missing_url": 1,
                                    "bad_scheme": 1}
@@ -156,10 +164,12 @@ def test_crawl_csv_status_table_and_rerun(server, tmp_path):
     assert records[f"{server}/bytes.jpg"]["text"] == "The overall emotion conveyed is joy."
     # a rerun downloads nothing again; losing one shard's marker re-fetches only that shard
     hits = dict(Handler.hits)
-    crawl(str(csv), str(out), shard_size=5, threads=4, timeout=0.5, retries=1, options=NO_DETECT)
+    crawl(str(csv), str(out), shard_size=5, threads=4, timeout=0.5, retries=1, options=NO_DETECT,
+          allow_private=True)
     assert Handler.hits == hits
     (out / "00000_stats.json").unlink()
-    crawl(str(csv), str(out), shard_size=5, threads=4, timeout=0.5, retries=1, options=NO_DETECT)
+    crawl(str(csv), str(out), shard_size=5, threads=4, timeout=0.5, retries=1, options=NO_DETECT,
+          allow_private=True)
     assert Handler.hits["/img/0.jpg"] == 2 and Handler.hits["/img/5.jpg"] == 1
 
 
@@ -180,7 +190,7 @@ def test_findingemo_format(server, tmp_path):
     assert items[0]["urls"] == [f"{server}/missing.jpg", f"{server}/img/10.jpg"]
     assert items[1]["valence"] == -1.0 and items[1]["arousal"] == 3.0 and items[2]["urls"] == []
     summary = crawl(str(ann), str(tmp_path / "fe"), name="FindingEmo", url_map=str(url_map), threads=2,
-                    options=NO_DETECT)
+                    options=NO_DETECT, allow_private=True)
     assert summary["samples"] == 2 and summary["failures"] == {"missing_url": 1}
     import tarfile
     with tarfile.open(tmp_path / "fe" / "00000.tar") as tar:
@@ -210,7 +220,7 @@ def test_hostile_servers_are_bounded_and_recorded(server, tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "urls.csv", index=False)
     start = time.time()
     summary = crawl(str(tmp_path / "urls.csv"), str(tmp_path / "out"), shard_size=100, threads=4, timeout=2,
-                    retries=0, max_bytes=1_000_000, max_seconds=3, options=NO_DETECT)
+                    retries=0, max_bytes=1_000_000, max_seconds=3, options=NO_DETECT, allow_private=True)
     elapsed = time.time() - start
     assert elapsed < 30, elapsed
     assert summary["samples"] == 3 and summary["failed"] == len(bad)
@@ -218,3 +228,53 @@ def test_hostile_servers_are_bounded_and_recorded(server, tmp_path):
     reasons = {row["source"].rsplit("/", 1)[1][:-4]: row["reason"] for row in status if row["status"] == "failed"}
     assert reasons == bad, reasons
     assert not verify(str(tmp_path / "out"))["problems"]
+
+
+def test_without_the_opt_in_loopback_and_a_redirect_to_it_are_refused_before_any_connection(server, tmp_path,
+                                                                                           monkeypatch):
+    import socket as socket_module
+    from data_tools.address_guard import AddressPolicy
+    # a listener on another loopback address that counts the connections it gets
+    trap = socket_module.socket()
+    trap.bind(("127.0.0.2", 0))
+    trap.listen(8)
+    trap.settimeout(0.5)
+    trap_url = f"http://127.0.0.2:{trap.getsockname()[1]}/img/1.jpg"
+    with pytest.raises(DownloadError, match="blocked_address: .*127.0.0.1 .*loopback"):
+        fetch(f"{server}/img/1.jpg", retries=0)  # the default policy
+    assert Handler.hits == {}
+    with pytest.raises(DownloadError, match="blocked_address: .*169.254.169.254 .*link-local"):
+        fetch("http://169.254.169.254/latest/meta-data/", retries=0, timeout=1)
+    # the server is allowed (its /32), the loopback address it redirects to is not: refused at the redirect
+    only_server = AddressPolicy.from_args(cidrs=["127.0.0.1/32"])
+    Handler.redirect_to = trap_url
+    with pytest.raises(DownloadError, match="blocked_address: .*127.0.0.2 .*loopback"):
+        fetch(f"{server}/redirect.jpg", retries=0, policy=only_server)
+    assert Handler.hits == {"/redirect.jpg": 1}
+    with pytest.raises(socket_module.timeout):
+        trap.accept()  # nothing ever connected to it
+    trap.close()
+    # a name is judged by the address it resolves to, resolved once, at the connect
+    real = socket_module.getaddrinfo
+    answers = []
+
+    def rebinding(host, *args, **kwargs):
+        if host == "images.example":
+            answers.append(host)
+            return real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(socket_module, "getaddrinfo", rebinding)
+    port = server.rsplit(":", 1)[1]
+    with pytest.raises(DownloadError, match="blocked_address: .*: images.example resolves to 127.0.0.1"):
+        fetch(f"http://images.example:{port}/img/2.jpg", retries=0, policy=only_server.__class__())
+    assert answers == ["images.example"] and "/img/2.jpg" not in Handler.hits
+    assert fetch(f"http://images.example:{port}/img/2.jpg", policy=only_server)[:2] == b"\xff\xd8"
+    assert answers == ["images.example"] * 2  # one resolution per connection: the address checked is the one used
+    # in a crawl the refusals are status rows with their own reason
+    pd.DataFrame({"url": [f"{server}/img/{i}.jpg" for i in range(3)]}).to_csv(tmp_path / "urls.csv", index=False)
+    summary = crawl(str(tmp_path / "urls.csv"), str(tmp_path / "out"), threads=2, retries=0, options=NO_DETECT)
+    assert summary["samples"] == 0 and summary["failures"] == {"blocked_address": 3}
+    rows = [json.loads(line) for line in open(next((tmp_path / "out").glob("*_status.jsonl")))]
+    assert {r["reason"] for r in rows} == {"blocked_address"} and "loopback" in rows[0]["error"]
+    with pytest.raises(ValueError, match="--allow-cidr 'ten' is not a network"):
+        AddressPolicy.from_args(cidrs=["ten"])
