@@ -14,6 +14,11 @@ from runtime.logs import setup_logging
 from runtime.cli import HelpFormatter
 
 
+def _part_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--part", metavar="I/N", help="write part I (from 0) of N of the job's shards, e.g. one Slurm "
+                                                  "array task each (default: SLURM_ARRAY_TASK_ID/COUNT when set)")
+
+
 def _image_args(p: argparse.ArgumentParser, min_shards: int) -> None:
     p.add_argument("--out", required=True, help="output directory (created; reruns skip finished shards)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (at most 10000)")
@@ -46,11 +51,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--ratios", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
                    help="split ratios for --generic")
     _image_args(p, min_shards=8)
+    _part_arg(p)
 
     p = sub.add_parser("shard-emoset", help="EmoSet-118K layout with attribute annotations")
     p.add_argument("src", help="EmoSet root (train.json, val.json, test.json, image/, annotation/, info.json)")
     p.add_argument("--name", default="EmoSet")
     _image_args(p, min_shards=8)
+    _part_arg(p)
 
     p = sub.add_parser("shard-emotic", help="EMOTIC: one sample per annotated person, its box as person crop")
     p.add_argument("src", help="EMOTIC root: Annotations/Annotations.mat (or emotic_pre/{train,val,test}.csv) and "
@@ -106,6 +113,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--allow-cidr", nargs="+", default=[], metavar="CIDR",
                    help="also connect to these networks (e.g. 10.1.0.0/16 for an image server inside a cluster)")
     _image_args(p, min_shards=1)
+    _part_arg(p)
+
+    p = sub.add_parser("merge-parts", help="after every part of a crawl / shard-folder / shard-emoset job: "
+                                           "sizes.json and info.json, or the shards still missing")
+    p.add_argument("out", help="the job's --out")
 
     p = sub.add_parser("idx-to-folder", help="MNIST-format IDX files -> class-folder tree (e.g. Fashion-MNIST)")
     p.add_argument("images", help="IDX images file (.gz or plain)")
@@ -123,18 +135,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = parser.parse_args(argv)
     setup_logging()
+    from data_tools.writer import Part
     try:
         if args.command == "shard-folder":
             from data_tools.folder import shard_folder
             info = shard_folder(args.name, args.src, args.out, seed=args.seed, shard_size=args.shard_size,
                                 min_shards=args.min_shards, workers=args.workers, split_files=args.split_files,
-                                generic=args.generic, ratios=tuple(args.ratios), options=_options(args))
-            print(json.dumps(info["splits"], indent=1))
+                                generic=args.generic, ratios=tuple(args.ratios), options=_options(args),
+                                part=Part.parse(args.part))
+            print(json.dumps(info["splits"] if info else "part done; others still running", indent=1))
         elif args.command == "shard-emoset":
             from data_tools.emoset import shard_emoset
             info = shard_emoset(args.src, args.out, shard_size=args.shard_size, min_shards=args.min_shards,
-                                workers=args.workers, options=_options(args), name=args.name)
-            print(json.dumps(info["splits"], indent=1))
+                                workers=args.workers, options=_options(args), name=args.name,
+                                part=Part.parse(args.part))
+            print(json.dumps(info["splits"] if info else "part done; others still running", indent=1))
         elif args.command == "shard-emotic":
             from data_tools.emotic import shard_emotic
             info = shard_emotic(args.src, args.out, annotations=args.annotations, shard_size=args.shard_size,
@@ -166,8 +181,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             url_column=args.url_column,
                             label_column=args.label_column, caption_column=args.caption_column,
                             url_map=args.url_map, options=_options(args), allow_private=args.allow_private,
-                            allow_cidrs=args.allow_cidr)
+                            allow_cidrs=args.allow_cidr, part=Part.parse(args.part))
             print(json.dumps(summary, indent=1))
+        elif args.command == "merge-parts":
+            from data_tools.writer import merge_parts
+            print(json.dumps(merge_parts(args.out)["splits"], indent=1))
         elif args.command == "idx-to-folder":
             from data_tools.idx import idx_to_folder
             counts = idx_to_folder(args.images, args.label_file, args.out, args.classes, args.per_class,

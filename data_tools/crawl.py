@@ -14,7 +14,7 @@ from data_tools.address_guard import AddressPolicy, BlockedAddress, guarded_sess
 from data_tools.images import ImageError
 from data_tools.registry import SINGLE_LABEL, UNLABELLED
 from data_tools.samples import ImageOptions, SampleBuilder
-from data_tools.writer import finalize_split, plan_shards, run_shard_tasks, write_info
+from data_tools.writer import Part, plan_shards, write_splits
 
 log = logging.getLogger(__name__)
 URL_COLUMNS = ("url", "URL", "image_url", "img_url")
@@ -192,7 +192,7 @@ def crawl(annotations: str, out: str, *, name: str = "web", split: str = "train"
           url_column: Optional[str] = None,
           label_column: Optional[str] = None, caption_column: Optional[str] = None, url_map: Optional[str] = None,
           options: Optional[ImageOptions] = None, allow_private: bool = False,
-          allow_cidrs: Sequence[str] = ()) -> Dict[str, Any]:
+          allow_cidrs: Sequence[str] = (), part: Optional[Part] = None) -> Optional[Dict[str, Any]]:
     """Download every row's image into out/NNNNN.tar (+ _stats.json, _status.jsonl); finished shards are skipped.
     Only public addresses are connected to unless `allow_private` or `allow_cidrs` say otherwise; a refused URL is
     a `blocked_address` failure."""
@@ -204,13 +204,15 @@ def crawl(annotations: str, out: str, *, name: str = "web", split: str = "train"
     builder = SampleBuilder(name, classes, options)
     out_path = Path(out)
     tasks = plan_shards(out_path, split, items, shard_size, min_shards, options)
-    stats = run_shard_tasks(tasks, CrawlSample(builder, split, timeout, retries, max_bytes, max_seconds, policy),
-                            workers, desc=f"crawl {name}", threads=threads)
-    summary = finalize_split(out_path, stats)
+    info = {"dataset": name, "task": SINGLE_LABEL if classes else UNLABELLED, "classes": list(classes),
+            "source": str(annotations), "image": {"max_side": options.max_side, "quality": options.quality,
+                                                  "max_pixels": options.max_pixels}, "detector": options.detector}
+    info = write_splits(out_path, {split: tasks}, CrawlSample(builder, split, timeout, retries, max_bytes,
+                                                              max_seconds, policy), info, workers,
+                        f"crawl {name}", threads, part)
+    if info is None:
+        return None
+    summary = info["splits"][split]
     log.info("crawl %s: %d of %d rows downloaded, failures: %s", name, summary["samples"], len(items),
              summary["failures"])
-    write_info(out_path, {"dataset": name, "task": SINGLE_LABEL if classes else UNLABELLED,
-                          "classes": list(classes), "splits": {split: summary}, "source": str(annotations),
-                          "image": {"max_side": options.max_side, "quality": options.quality,
-                                    "max_pixels": options.max_pixels}, "detector": options.detector})
     return summary

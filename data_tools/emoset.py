@@ -9,7 +9,7 @@ from data_tools.images import read_file
 from data_tools.registry import MIKELS8, SINGLE_LABEL
 from data_tools.samples import ImageOptions, SampleBuilder
 from data_tools.splits import SPLITS, DatasetLayoutError
-from data_tools.writer import finalize_split, plan_shards, run_shard_tasks, write_info
+from data_tools.writer import Part, plan_shards, write_splits
 
 log = logging.getLogger(__name__)
 ATTRIBUTES = ("scene", "object", "brightness", "colorfulness", "facial_expression", "human_action")
@@ -63,7 +63,8 @@ class EmoSetSample:
 
 
 def shard_emoset(src: str, out: str, *, seed: int = 0, shard_size: int = 1000, min_shards: int = 8, workers: int = 1,
-                 options: Optional[ImageOptions] = None, name: str = "EmoSet") -> Dict[str, Any]:
+                 options: Optional[ImageOptions] = None, name: str = "EmoSet",
+                 part: Optional[Part] = None) -> Optional[Dict[str, Any]]:
     src_path, out_path = Path(src), Path(out)
     options = options or ImageOptions()
     splits = [s for s in SPLITS if (src_path / f"{s}.json").is_file()]
@@ -77,15 +78,13 @@ def shard_emoset(src: str, out: str, *, seed: int = 0, shard_size: int = 1000, m
             classes = [name for name, _ in sorted(label2idx.items(), key=lambda kv: kv[1])]
     builder = SampleBuilder(name, classes, options)
     maker = EmoSetSample(src_path, builder)
-    summary = {}
+    plans = {}
     for split in splits:
         entries = _entries(src_path, split)
         random.Random(f"{seed}/{split}/shards").shuffle(entries)  # classes mixed across shards (see folder.py)
-        tasks = plan_shards(out_path / split, split, entries, shard_size, min_shards, options)
-        summary[split] = finalize_split(out_path / split, run_shard_tasks(tasks, maker, workers, f"{name}/{split}"))
-    info = {"dataset": name, "task": SINGLE_LABEL, "classes": classes, "splits": summary,
-            "source": str(src_path.resolve()), "attributes": list(ATTRIBUTES),
+        plans[split] = plan_shards(out_path / split, split, entries, shard_size, min_shards, options)
+    info = {"dataset": name, "task": SINGLE_LABEL, "classes": classes, "source": str(src_path.resolve()),
+            "attributes": list(ATTRIBUTES),
             "image": {"max_side": options.max_side, "quality": options.quality, "max_pixels": options.max_pixels},
             "detector": options.detector}
-    write_info(out_path, info)
-    return info
+    return write_splits(out_path, plans, maker, info, workers, name, part=part)

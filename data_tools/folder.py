@@ -8,7 +8,7 @@ from data_tools.images import read_file
 from data_tools.registry import DatasetSpec, generic_spec, get_dataset
 from data_tools.samples import ImageOptions, SampleBuilder
 from data_tools.splits import SPLITS, DatasetLayoutError, discover, write_split_lists
-from data_tools.writer import finalize_split, plan_shards, run_shard_tasks, write_info
+from data_tools.writer import Part, plan_shards, write_splits
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,9 @@ class FolderSample:
 def shard_folder(name: str, src: str, out: str, *, seed: int = 0, shard_size: int = 1000, min_shards: int = 8,
                  workers: int = 1, split_files: Optional[str] = None, generic: bool = False,
                  ratios: Tuple[float, float, float] = (0.8, 0.1, 0.1),
-                 options: Optional[ImageOptions] = None) -> Dict[str, Any]:
-    """Shard a dataset folder into out/<split>/NNNNN.tar; returns (and writes) out/info.json."""
+                 options: Optional[ImageOptions] = None, part: Optional[Part] = None) -> Optional[Dict[str, Any]]:
+    """Shard a dataset folder into out/<split>/NNNNN.tar; returns (and writes) out/info.json, or None from a
+    `part` that finished before others (data_tools.writer.write_splits)."""
     src_path, out_path = Path(src), Path(out)
     options = options or ImageOptions()
     if generic:
@@ -52,20 +53,19 @@ def shard_folder(name: str, src: str, out: str, *, seed: int = 0, shard_size: in
     splits = discover(src_path, spec, seed, Path(split_files) if split_files else None)
     write_split_lists(out_path, splits, spec)
     maker = FolderSample(src_path, builder)
-    summary = {}
+    plans = {}
     for split, items in splits.items():
         records = [{"source": rel, "label": label, "split": split} for rel, label, _ in items]
         # mix the classes across shards (a sorted list would give one-class shards, and one-class batches to any
         # reader whose shuffle buffer is smaller than a shard); seeded, so keys are reproducible
         random.Random(f"{seed}/{split}/shards").shuffle(records)
-        tasks = plan_shards(out_path / split, split, records, shard_size, min_shards, options)
-        stats = run_shard_tasks(tasks, maker, workers, desc=f"{spec.name}/{split}")
-        summary[split] = finalize_split(out_path / split, stats)
-        log.info("%s/%s: %d samples in %d shards, %d failed", spec.name, split, summary[split]["samples"],
-                 summary[split]["shards"], summary[split]["failed"])
+        plans[split] = plan_shards(out_path / split, split, records, shard_size, min_shards, options)
     info = {"dataset": spec.name, "task": spec.task, "classes": list(spec.classes), "split_rule": spec.split_rule,
-            "seed": seed, "splits": summary, "source": str(src_path.resolve()),
+            "seed": seed, "source": str(src_path.resolve()),
             "image": {"max_side": options.max_side, "quality": options.quality, "max_pixels": options.max_pixels},
             "detector": options.detector}
-    write_info(out_path, info)
+    info = write_splits(out_path, plans, maker, info, workers, spec.name, part=part)
+    for split, totals in (info or {}).get("splits", {}).items():
+        log.info("%s/%s: %d samples in %d shards, %d failed", spec.name, split, totals["samples"], totals["shards"],
+                 totals["failed"])
     return info

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import webdataset as wds
 
@@ -32,6 +32,38 @@ class ShardTask:
     shard: int
     items: List[Any] = field(default_factory=list)
     options: Dict[str, Any] = field(default_factory=dict)  # how images are written (size, quality, detector)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Part `index` of `count` of one sharding job (0 <= index < count): it writes the shards whose number is
+    index modulo count, so N parts together write exactly the shards of one run."""
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: Optional[str], environ: Optional[Dict[str, str]] = None) -> Optional["Part"]:
+        """`--part I/N`, else a Slurm array task's (SLURM_ARRAY_TASK_ID less SLURM_ARRAY_TASK_MIN, of
+        SLURM_ARRAY_TASK_COUNT), else None (the whole job)."""
+        env = os.environ if environ is None else environ
+        if text is None and env.get("SLURM_ARRAY_TASK_COUNT"):
+            text = f"{int(env['SLURM_ARRAY_TASK_ID']) - int(env.get('SLURM_ARRAY_TASK_MIN', 0))}/" \
+                   f"{env['SLURM_ARRAY_TASK_COUNT']}"
+        if text is None:
+            return None
+        try:
+            index, count = (int(v) for v in str(text).split("/"))
+        except ValueError:
+            raise ValueError(f"--part {text!r}: expected I/N, e.g. 0/4 (I from 0 to N - 1)") from None
+        if not 0 <= index < count:
+            raise ValueError(f"--part {text!r}: I must be in 0..{count - 1}")
+        return cls(index, count)
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.count == self.index
+
+
+PLAN = "plan.json"
 
 
 def stats_path(split_dir: Path, shard: int) -> Path:
@@ -161,9 +193,11 @@ def plan_shards(split_dir: Path, split: str, items: Sequence[Any], shard_size: i
 
 
 def run_shard_tasks(tasks: Sequence[ShardTask], make_sample: SampleMaker, workers: int = 1,
-                    desc: str = "shards", threads: int = 0) -> List[Dict[str, Any]]:
-    """Write every incomplete shard (in `workers` processes), logging a line per finished shard (samples, rate,
-    time left); returns the stats of all shards."""
+                    desc: str = "shards", threads: int = 0, part: Optional[Part] = None) -> List[Dict[str, Any]]:
+    """Write every incomplete shard (of this `part` only, if given) in `workers` processes, logging a line per
+    finished shard (samples, rate, time left); returns the stats of all shards (of this part's, with a part)."""
+    if part is not None:
+        tasks = [t for t in tasks if part.owns(t.shard)]
     todo = [t for t in tasks if not shard_complete(t)]
     skipped = len(tasks) - len(todo)
     if skipped:
@@ -235,6 +269,68 @@ def finalize_split(split_dir: Path, stats: Sequence[Dict[str, Any]]) -> Dict[str
             failures[k] = failures.get(k, 0) + v
     return {"shards": len(stats), "samples": sum(sizes.values()), "failed": sum(s["failed"] for s in stats),
             "failures": failures, "classes": dict(sorted(classes.items()))}
+
+
+def write_splits(out_dir: Path, plans: Dict[str, List[ShardTask]], make_sample: SampleMaker, info: Dict[str, Any],
+                 workers: int = 1, desc: str = "shards", threads: int = 0,
+                 part: Optional[Part] = None) -> Optional[Dict[str, Any]]:
+    """The shards of every split (`plans`: split -> its tasks; this part's only, with a part), then, once every
+    planned shard is complete, each split's sizes.json and info.json (`info` plus the splits' totals); returns
+    that info, or None while other parts' shards are missing. OUT/plan.json, the same for every part, lets
+    `merge-parts` finish the job."""
+    out_dir = Path(out_dir)
+    plan = {"splits": {split: {"dir": os.path.relpath(tasks[0].split_dir, out_dir) if tasks else split,
+                               "shards": [plan_digest(t) for t in tasks]} for split, tasks in plans.items()},
+            "info": info}
+    atomic_write_json(out_dir / PLAN, plan)
+    for split, tasks in plans.items():
+        run_shard_tasks(tasks, make_sample, workers, f"{desc}/{split}" if len(plans) > 1 else desc, threads, part)
+    missing = missing_shards(out_dir, plan)
+    if missing:
+        log.info("%s: part %d/%d done; %d shard(s) of other parts not written yet (e.g. %s): the last part to "
+                 "finish, or `python -m data_tools merge-parts %s`, writes sizes.json and info.json", desc,
+                 part.index if part else 0, part.count if part else 1, len(missing), missing[0], out_dir)
+        return None
+    return merge_parts(out_dir)
+
+
+def missing_shards(out_dir: Path, plan: Dict[str, Any]) -> List[str]:
+    """The planned shards without a completion marker of their plan, as 'SPLIT/NNNNN.tar'."""
+    missing = []
+    for split, entry in plan["splits"].items():
+        split_dir = Path(out_dir) / entry["dir"]
+        for shard, digest in enumerate(entry["shards"]):
+            try:
+                done = json.loads(stats_path(split_dir, shard).read_text()).get("plan") == digest \
+                    and (split_dir / shard_name(shard)).is_file()
+            except (OSError, json.JSONDecodeError):
+                done = False
+            if not done:
+                missing.append(f"{split}/{shard_name(shard)}")
+    return missing
+
+
+def merge_parts(out_dir: Path) -> Dict[str, Any]:
+    """sizes.json of every split and info.json, from OUT/plan.json and the shards' stats, when every planned shard
+    is complete; otherwise an error naming the missing ones."""
+    out_dir = Path(out_dir)
+    try:
+        plan = json.loads((out_dir / PLAN).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FileNotFoundError(f"{out_dir / PLAN}: not readable ({e}); it is written by crawl, shard-folder and "
+                                f"shard-emoset before their first shard") from None
+    missing = missing_shards(out_dir, plan)
+    if missing:
+        raise ValueError(f"{out_dir}: {len(missing)} planned shard(s) are not complete: {', '.join(missing[:10])}"
+                         f"{' ...' if len(missing) > 10 else ''}; run (or requeue) the parts that write them")
+    splits = {}
+    for split, entry in plan["splits"].items():
+        split_dir = out_dir / entry["dir"]
+        stats = [json.loads(stats_path(split_dir, i).read_text()) for i in range(len(entry["shards"]))]
+        splits[split] = finalize_split(split_dir, stats)
+    info = {**plan["info"], "splits": splits}
+    write_info(out_dir, info)
+    return info
 
 
 def write_info(out_dir: Path, info: Dict[str, Any]) -> None:

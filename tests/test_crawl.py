@@ -278,3 +278,18 @@ def test_without_the_opt_in_loopback_and_a_redirect_to_it_are_refused_before_any
     assert {r["reason"] for r in rows} == {"blocked_address"} and "loopback" in rows[0]["error"]
     with pytest.raises(ValueError, match="--allow-cidr 'ten' is not a network"):
         AddressPolicy.from_args(cidrs=["ten"])
+
+
+def test_a_crawl_in_two_parts_gives_the_shards_of_one_crawl(server, tmp_path):
+    from data_tools.writer import Part
+    rows = [{"url": f"{server}/img/{i}.jpg"} for i in range(6)] + [{"url": f"{server}/missing.jpg"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "urls.csv", index=False)
+    kw = dict(shard_size=2, threads=2, retries=0, options=NO_DETECT, allow_private=True)
+    whole = crawl(str(tmp_path / "urls.csv"), str(tmp_path / "whole"), **kw)
+    assert crawl(str(tmp_path / "urls.csv"), str(tmp_path / "parts"), part=Part(0, 2), **kw) is None
+    assert crawl(str(tmp_path / "urls.csv"), str(tmp_path / "parts"), part=Part(1, 2), **kw) == whole
+    written = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "parts").iterdir()) and "plan.json" in written
+    for name in written:
+        if name != "info.json":
+            assert (tmp_path / "parts" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
