@@ -108,15 +108,19 @@ def class_names(pred: SplitPredictions, task: str, classes: Sequence[str]) -> Li
     return ["-"] * len(pred.targets)
 
 
-def projection_png(features: np.ndarray, names: Sequence[str], method: str = "pca") -> bytes:
-    """A 2-D picture of the embeddings: PCA (numpy) or UMAP (umap-learn, when installed), one colour per class."""
+def project_2d(features: np.ndarray, method: str = "pca") -> np.ndarray:
+    """Embeddings (n, d) -> (n, 2): PCA (numpy) or UMAP (umap-learn, when installed)."""
     x = features - features.mean(0)
     if method == "umap":
         import umap
-        xy = umap.UMAP(n_components=2, random_state=0).fit_transform(x)
-    else:
-        _, _, vt = np.linalg.svd(x, full_matrices=False)
-        xy = x @ vt[:2].T
+        return umap.UMAP(n_components=2, random_state=0, n_neighbors=min(15, len(x) - 1)).fit_transform(x)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[:2].T
+
+
+def projection_png(features: np.ndarray, names: Sequence[str], method: str = "pca") -> bytes:
+    """A 2-D picture of the embeddings (project_2d), one colour per class."""
+    xy = project_2d(features, method)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5), dpi=80)
     for name in sorted(set(names)):

@@ -6,6 +6,11 @@ from typing import List, Literal, Optional, Tuple, Union
 from runtime.config import ConfigError, DebugConfig, OptimConfig, RunConfig, bounded
 
 
+# the flags of the entry points of jobs on a labelled dataset with an encoder (finetune/main.py, temporal_main.py)
+ENCODER_DATA_FLAGS = {"--dataset": "data.dataset", "--data": "data.root", "--checkpoint": "encoder.checkpoint",
+                      "--from-scratch": "encoder.from_scratch=true"}
+
+
 @dataclass
 class EncoderConfig:
     checkpoint: Optional[str] = None   # pretraining run / checkpoint dir / weights.safetensors / official MAE .pth

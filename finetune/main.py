@@ -11,7 +11,7 @@ if __package__ in (None, ""):  # run as a file (torchrun finetune/main.py): make
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_tools.registry import UnknownDatasetError  # noqa: E402
-from finetune.config import FinetuneConfig  # noqa: E402
+from finetune.config import ENCODER_DATA_FLAGS, FinetuneConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
 from runtime.cli import shortcut_flags  # noqa: E402
 from runtime.device import DeviceError  # noqa: E402
@@ -39,10 +39,8 @@ def finetune(cfg: FinetuneConfig, stop: StopRequest) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune/main.py", description=__doc__)
-    shortcuts = shortcut_flags(parser, {
-        "--dataset": "data.dataset", "--data": "data.root", "--checkpoint": "encoder.checkpoint",
-        "--from-scratch": "encoder.from_scratch=true", "--linear-probe": "train.mode=linear_probe",
-        "--eval": "train.mode=eval"})
+    shortcuts = shortcut_flags(parser, {**ENCODER_DATA_FLAGS, "--linear-probe": "train.mode=linear_probe",
+                                        "--eval": "train.mode=eval"})
     return run_job(FinetuneConfig, argv, __doc__, log, finetune,
                    expected=(UnknownDatasetError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError,
                              DeviceError), parser=parser, shortcuts=shortcuts)

@@ -16,8 +16,7 @@ from data_tools.splits import IMAGE_EXTENSIONS
 from data_tools.video import VIDEO_SUFFIXES, cropped_frames, open_video
 from finetune.analysis import figure_png, pyplot
 from finetune.cache_frames import frame_view
-from finetune.temporal import stitch
-from finetune.temporal_model import assemble_clip_model, load_trainable_state
+from finetune.temporal_model import assemble_clip_model, load_trainable_state, stitched_frames
 from runtime.atomic import atomic_write_bytes
 from runtime.checkpoint import CheckpointError
 from runtime.seeding import seed_everything
@@ -53,7 +52,7 @@ class TemporalPredictor:
     @torch.no_grad()
     def __call__(self, frames: Sequence[Image.Image]) -> np.ndarray:
         x = torch.stack([self.view(load_rgb(f)) for f in frames])
-        return stitch(lambda w, m: self.model(w, m), x, self.window, self.stride).numpy()
+        return stitched_frames(self.model, x, self.window, self.stride)[0].numpy()
 
 
 def input_frames(item: str, detector=None, every: int = 1) -> Tuple[List[Image.Image], List[Dict[str, Any]]]:

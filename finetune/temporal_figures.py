@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from finetune.analysis import figure_png, png_tensor, pyplot
+from finetune.analysis import figure_png, png_tensor, project_2d, pyplot
 from finetune.metrics import ccc
 from finetune.temporal_metrics import CONSTANT, Clip
 from runtime.atomic import atomic_write_bytes
@@ -73,19 +73,13 @@ def curves_png(clips: Dict[str, Clip]) -> Optional[bytes]:
 
 
 def embeddings_png(embeddings: np.ndarray, values: np.ndarray, method: str) -> bytes:
-    x = embeddings - embeddings.mean(0)
-    if method == "umap":
-        import umap
-        xy = umap.UMAP(n_components=2, random_state=0, n_neighbors=min(15, len(x) - 1)).fit_transform(x)
-    else:
-        _, _, vt = np.linalg.svd(x, full_matrices=False)
-        xy = x @ vt[:2].T
+    xy = project_2d(embeddings, method)
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=80)
     for ax, d, name in zip(axes, (0, 1), NAMES):
         points = ax.scatter(xy[:, 0], xy[:, 1], c=values[:, d], cmap="coolwarm", vmin=-1, vmax=1, s=12)
         fig.colorbar(points, ax=ax, label=f"clip mean {name}")
-        ax.set_title(f"test clip embeddings ({method.upper()}, {len(x)} clips)")
+        ax.set_title(f"test clip embeddings ({method.upper()}, {len(xy)} clips)")
     fig.tight_layout()
     return figure_png(fig)
 

@@ -4,7 +4,7 @@ gathered over the ranks by clip and frame), the best weights kept and tested bes
 Stage 1 (`TemporalPretraining`): the contrastive terms over frames, the queue checkpointed with the run."""
 import logging
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 
 from finetune.cache_frames import check_frame_cache, frame_view
 from finetune.labelled_job import LabelledJob
-from finetune.temporal import masked_mean, stitch, va_loss
+from finetune.temporal import stitch, va_loss
 from finetune.temporal_contrastive import EmbeddingQueue, clip_ids, global_infonce, local_infonce, smoothness
 from finetune.temporal_data import ClipTransform, gather_clips, resolve_frames
 from finetune.temporal_metrics import Clip, clip_mean_oracle, temporal_metrics, train_mean_predictor
 from finetune.temporal_model import (ClipModel, assemble_clip_model, encoder_identity, load_trainable_state,
-                                     param_groups, trainable_state)
+                                     param_groups, stitched_frames, trainable_state)
 from finetune.data import eval_loader, train_loader
 from runtime import distributed
 from runtime.atomic import atomic_save_safetensors, atomic_write_json
@@ -100,60 +100,63 @@ class TemporalRegression(ClipJobMixin, LabelledJob):
                            **self.reading(split))
 
     @torch.no_grad()
-    def predict_chunks(self, split: str, shuffle_seed=None, embeddings: bool = False) -> List[Dict[str, Any]]:
-        """This rank's chunks of `split`, each frame predicted from stitched windows (data.window long, every
-        data.eval_stride); with `shuffle_seed`, each chunk's frames (and targets) permuted first."""
+    def predict_chunks(self, split: str, embeddings: bool = False, shuffle_seed=None):
+        """Every rank's chunks of `split`, each frame predicted from stitched windows (data.window long, every
+        data.eval_stride) over features the encoder makes once per frame; with `shuffle_seed`, also the same
+        features with each chunk's frames (and targets) permuted. Returns (rows, shuffled rows or None)."""
         model = self.eval_module
         was_training = model.training
         model.eval()
         loader = self.eval_split(split)
-        rows = []
+        rows, shuffled = [], []
         g = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
         window, stride = self.cfg.data.window, self.cfg.data.eval_stride
-
-        def predict(x, mask):
-            with autocast(self.precision, self.device):
-                return model(x, mask)
         for batch in loader if loader is not None else []:
             batch = to_device(batch, self.device)
-            x, target, valid = batch["x"][0], batch["target"][0].cpu().numpy(), batch["valid"][0].cpu().numpy()
-            if g is not None:
-                perm = torch.from_numpy(g.permutation(len(x)))
-                x, target, valid = x[perm.to(x.device)], target[perm.numpy()], valid[perm.numpy()]
-            row = {"clip": batch["clip"][0], "start": int(batch["start"][0]), "key": batch["key"][0],
-                   "pred": stitch(predict, x, window, stride).numpy(), "true": target, "valid": valid}
+            target, valid = batch["target"][0].cpu().numpy(), batch["valid"][0].cpu().numpy()
+            where = {"clip": batch["clip"][0], "start": int(batch["start"][0]), "key": batch["key"][0]}
+            with autocast(self.precision, self.device):
+                pred, feats = stitched_frames(model, batch["x"][0], window, stride)
+                if g is not None:  # the encoder sees one frame at a time: shuffled frames, shuffled features
+                    perm = g.permutation(len(feats))
+                    shuffled.append({**where, "pred": stitch(model.head, feats[torch.from_numpy(perm).to(
+                        feats.device)], window, stride).numpy(), "true": target[perm], "valid": valid[perm]})
+            row = {**where, "pred": pred.numpy(), "true": target, "valid": valid}
             if embeddings:
-                with autocast(self.precision, self.device):
-                    feats = model.features(x[None]).float()
-                row["embedding"] = masked_mean(feats, torch.ones(feats.shape[:2], dtype=torch.bool,
-                                                                 device=feats.device))[0].cpu().numpy()
+                row["embedding"] = feats.float().mean(0).cpu().numpy()
             rows.append(row)
         if was_training:
             model.train()
-        return [r for part in distributed.all_gather_object(rows) for r in part]
+        gathered = distributed.all_gather_object((rows, shuffled))
+        return ([r for part, _ in gathered for r in part],
+                [r for _, part in gathered for r in part] if g is not None else None)
 
     def evaluate(self, split: str, save_predictions: bool = False) -> Dict[str, Any]:
-        rows = self.predict_chunks(split, embeddings=save_predictions)
+        control = save_predictions and self.cfg.temporal.shuffle_control
+        rows, shuffled = self.predict_chunks(split, embeddings=save_predictions,
+                                             shuffle_seed=self.cfg.run.seed if control else None)
         clips = gather_clips(rows)
         metrics = temporal_metrics(list(clips.values()), bootstrap=1000 if save_predictions else 0,
                                    seed=self.cfg.run.seed)
         if save_predictions:
             self.test_clips, self.test_rows = clips, rows
             metrics["references"] = self.references(clips)
-            if self.cfg.temporal.shuffle_control:
-                shuffled = gather_clips(self.predict_chunks(split, shuffle_seed=self.cfg.run.seed))
+            if control:
                 metrics["references"]["frames shuffled at test"] = temporal_metrics(
-                    list(shuffled.values()), bootstrap=1000, seed=self.cfg.run.seed)
+                    list(gather_clips(shuffled).values()), bootstrap=1000, seed=self.cfg.run.seed)
         return metrics
 
     def references(self, clips: Dict[str, Clip]) -> Dict[str, Any]:
         """The rows that say what a score means: the train-mean constant and the clip-mean oracle."""
         truth = [Clip(np.zeros_like(c.true), c.true, c.valid) for c in clips.values()]
-        mean = self.info.train_mean or [0.0, 0.0]
-        return {"train-mean constant": temporal_metrics(train_mean_predictor(truth, mean), bootstrap=1000,
-                                                         seed=self.cfg.run.seed),
-                "clip-mean oracle": temporal_metrics(clip_mean_oracle(truth), bootstrap=1000,
-                                                     seed=self.cfg.run.seed)}
+        refs = {"clip-mean oracle": temporal_metrics(clip_mean_oracle(truth), bootstrap=1000, seed=self.cfg.run.seed)}
+        if self.info.train_mean is None:  # shards written before shard-frames recorded it: no row, not a wrong one
+            log.warning("%s/info.json records no train mean (frames.train.target_mean): the train-mean reference is "
+                        "left out; rewrite the shards with shard-frames to have it", self.info.root)
+        else:
+            refs["train-mean constant"] = temporal_metrics(train_mean_predictor(truth, self.info.train_mean),
+                                                           bootstrap=1000, seed=self.cfg.run.seed)
+        return refs
 
     def on_start(self, state: TrainState) -> None:
         state.extra.update(encoder_mode=self.cfg.temporal.encoder_mode, head=self.cfg.temporal.head)

@@ -12,6 +12,7 @@ if __package__ in (None, ""):  # run as a file (torchrun finetune/temporal_main.
 import argparse  # noqa: E402
 
 from finetune.cache_frames import FrameCacheError  # noqa: E402
+from finetune.config import ENCODER_DATA_FLAGS  # noqa: E402
 from finetune.temporal_config import TemporalConfig  # noqa: E402
 from runtime.checkpoint import CheckpointError  # noqa: E402
 from runtime.cli import shortcut_flags  # noqa: E402
@@ -32,9 +33,7 @@ def train_temporal(cfg: TemporalConfig, stop: StopRequest) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune/temporal_main.py", description=__doc__)
-    shortcuts = shortcut_flags(parser, {
-        "--dataset": "data.dataset", "--data": "data.root", "--checkpoint": "encoder.checkpoint",
-        "--from-scratch": "encoder.from_scratch=true"})
+    shortcuts = shortcut_flags(parser, ENCODER_DATA_FLAGS)
     return run_job(TemporalConfig, argv, __doc__, log, train_temporal,
                    expected=(CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError, KeyError,
                              DeviceError, FrameCacheError), parser=parser, shortcuts=shortcuts)

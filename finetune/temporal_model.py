@@ -11,7 +11,7 @@ from torch import nn
 
 from finetune.encoder import create_encoder
 from finetune.lora import apply_lora
-from finetune.temporal import MeanPoolHead, PerFrameHead, TemporalTransformerHead
+from finetune.temporal import MeanPoolHead, PerFrameHead, TemporalTransformerHead, stitch
 from finetune.temporal_contrastive import FrameProjector
 
 
@@ -42,6 +42,14 @@ class ClipModel(nn.Module):
         """Per-frame outputs; without a head (stage 1), the frame features themselves."""
         feats = self.features(x)
         return self.head(feats, mask) if self.head is not None else feats
+
+
+@torch.no_grad()
+def stitched_frames(model: ClipModel, x: torch.Tensor, window: int, stride: int):
+    """One chunk's per-frame predictions (T, D, on the CPU) from the head stitched over overlapping windows, and
+    its per-frame features (T, F): the encoder runs once per frame, not once per window that covers it."""
+    feats = model.features(x[None])[0]
+    return stitch(model.head, feats, window, stride), feats
 
 
 def make_head(cfg, dim: int) -> nn.Module:
