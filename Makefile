@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) bench/mae_step.py
 	$(PY) bench/gpu_ready.py
 	$(PY) bench/detector_cost.py
+	$(PY) bench/crawl.py
 	$(PY) bench/summary.py
 
 # The device check for a machine with a GPU (bench/gpu_check.py): gpu-prep here (wheels and shards to carry), then

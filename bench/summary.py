@@ -6,7 +6,8 @@ Each ratio comes from one script's run, where its two sides ran in alternation o
 full_over_mae_only (mae_step.py, ViT-B/16, the person branch at the size configs/pretrain/vit_b16.yaml sets),
 reader_over_imagefolder (loader.py, 2 workers), data_wait_share_* (data_wait.py, 2 workers, torch's default
 threads), weak_scaling_* (pretrain_throughput.py --threads-per-rank 1, ViT-B/16, cached teacher),
-mae_only_over_reference (mae_step.py, ViT-B/16). A figure whose script has not run is null.
+mae_only_over_reference (mae_step.py, ViT-B/16), crawl_over_img2dataset (crawl.py, 2 processes x 16 threads, the
+median of its alternating pairs). A figure whose script has not run is null.
 """
 import argparse
 import json
@@ -71,6 +72,7 @@ def main() -> None:
         "weak_scaling_zero2": read(results, "weak_scaling.json", weak_scaling("zero2")),
         "mae_only_over_reference": read(results, "mae_step.json", lambda r: (
             vit_b16_row(r)["img_per_s"]["ours_mae_only"] / vit_b16_row(r)["img_per_s"]["reference_mae"])),
+        "crawl_over_img2dataset": read(results, "crawl.json", lambda r: r["headline"]["ratio_images_per_s"]),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version()},
     }

@@ -1,6 +1,7 @@
 """`crawl`: URL lists (CSV/TSV/parquet/JSONL, FindingEmo annotations) -> downloaded, validated images in shards."""
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -158,12 +159,26 @@ def _read_body(response, url: str, max_bytes: int, max_seconds: float) -> bytes:
 
 
 class CrawlSample:
-    """Picklable shard job body: download an item (its URLs tried in order) and build its sample."""
+    """Picklable shard job body: download an item (its URLs tried in order) and build its sample. Each download
+    thread keeps one session, so connections to a host stay open from one image to the next (keep-alive)."""
 
     def __init__(self, builder: SampleBuilder, split: str, timeout: float, retries: int, max_bytes: int,
                  max_seconds: float = 60.0, policy: Optional[AddressPolicy] = None):
         self.builder, self.split, self.policy = builder, split, policy or AddressPolicy()
         self.timeout, self.retries, self.max_bytes, self.max_seconds = timeout, retries, max_bytes, max_seconds
+        self._local = threading.local()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}  # sessions stay in their process
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _local=threading.local())
+
+    @property
+    def session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = guarded_session(self.policy, MAX_REDIRECTS)
+        return self._local.session
 
     def __call__(self, item: Dict[str, Any]):
         if not item["urls"]:
@@ -176,8 +191,8 @@ class CrawlSample:
         error: Exception = DownloadError("missing_url", "no URL")
         for url in item["urls"]:
             try:
-                data = fetch(url, self.timeout, self.retries, self.max_bytes, max_seconds=self.max_seconds,
-                             policy=self.policy)
+                data = fetch(url, self.timeout, self.retries, self.max_bytes, session=self.session,
+                             max_seconds=self.max_seconds)
                 return self.builder.build(data, split=self.split, source=url, label=label, text=item["caption"],
                                           caption=item["caption"], valence=item.get("valence"),
                                           arousal=item.get("arousal"))

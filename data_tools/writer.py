@@ -2,12 +2,14 @@
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import get_context
@@ -18,6 +20,7 @@ import webdataset as wds
 
 from data_tools.schema import SCHEMA_VERSION, encode_record, sample_key, shard_name
 from runtime.atomic import atomic_write_json, atomic_write_text, file_sha256, fsync_dir
+from runtime.launcher_watch import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +118,10 @@ def atomic_tar(path: Path) -> Iterator[wds.TarWriter]:
     fsync_dir(path.parent)
 
 
-def write_shard(task: ShardTask, make_sample: SampleMaker, threads: int = 0) -> Dict[str, Any]:
-    """Write one shard to a hidden partial file, rename it into place, then write its stats (the marker)."""
+def write_shard(task: ShardTask, make_sample: SampleMaker, threads: int = 0,
+                results: Optional[Iterator[Any]] = None) -> Dict[str, Any]:
+    """Write one shard to a hidden partial file, rename it into place, then write its stats (the marker).
+    `results`: the task's samples, prepared elsewhere (a SampleStream), in item order."""
     split_dir = Path(task.split_dir)
     tar = split_dir / shard_name(task.shard)
     stats: Dict[str, Any] = {"shard": tar.name, "split": task.split, "schema_version": SCHEMA_VERSION,
@@ -124,7 +129,8 @@ def write_shard(task: ShardTask, make_sample: SampleMaker, threads: int = 0) -> 
                              "failures": {}, "classes": {}}
     status_rows = []
     with atomic_tar(tar) as writer:
-        for index, (item, result) in enumerate(zip(task.items, _results(task.items, make_sample, threads))):
+        results = _results(task.items, make_sample, threads) if results is None else results
+        for index, (item, result) in enumerate(zip(task.items, results)):
             key = sample_key(task.split, task.shard, index)
             if isinstance(result, Exception):  # every failure is counted with its reason, none stops the shard
                 reason = getattr(result, "reason", "unexpected_error")
@@ -169,6 +175,45 @@ def _results(items: Sequence[Any], make_sample: SampleMaker, threads: int) -> It
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     return drain()
+
+
+class SampleStream:
+    """The samples of consecutive shards, prepared by one pool of threads with up to `window` items (default 32 per
+    thread) in flight across shard boundaries. Samples are written in item order, so a slow item (a download that
+    times out) holds the writer; the window lets the other threads go on downloading meanwhile, into the next shard
+    too, instead of idling until it is done. Memory: the window's finished samples (about 50-100 KB each at 512 px)."""
+
+    def __init__(self, tasks: Sequence[ShardTask], make_sample: SampleMaker, threads: int, window: int = 0):
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+        self.make_sample, self.window = make_sample, window or 32 * threads
+        self.items = (item for task in tasks for item in task.items)
+        self.in_flight: deque = deque()
+
+    def results(self, task: ShardTask) -> Iterator[Any]:
+        """The results of `task`'s items, in order; the tasks' results must be taken in the order given."""
+        for _ in task.items:
+            for item in itertools.islice(self.items, max(0, self.window - len(self.in_flight))):
+                self.in_flight.append(self.pool.submit(_call, self.make_sample, item))
+            yield self.in_flight.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_shards(tasks: Sequence[ShardTask], make_sample: SampleMaker, threads: int = 0,
+                 on_done: Optional[Callable[[Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
+    """Write shards one after the other in this process (their samples from one SampleStream when threads > 0)."""
+    stream = SampleStream(tasks, make_sample, threads) if threads > 0 else None
+    written = []
+    try:
+        for task in tasks:
+            written.append(write_shard(task, make_sample, threads, stream.results(task) if stream else None))
+            if on_done is not None:
+                on_done(written[-1])
+    finally:
+        if stream is not None:
+            stream.close()
+    return written
 
 
 def status_path(split_dir: Path, shard: int) -> Path:
@@ -216,15 +261,29 @@ def run_shard_tasks(tasks: Sequence[ShardTask], make_sample: SampleMaker, worker
         detector = todo[0].options.get("detector")
         log.info("%s: writing %d shard(s) of %d item(s) in %d process(es)%s", desc, len(todo), items,
                  max(1, min(workers, len(todo))), f", person detector {detector}" if detector else "")
-    job = partial(write_shard, make_sample=make_sample, threads=threads)
     progress = ShardProgress(desc, todo)
     if workers <= 1 or len(todo) <= 1:
-        for t in todo:
-            progress.done(job(t))
+        write_shards(todo, make_sample, threads, progress.done)
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
-            for stats in pool.map(job, todo):
-                progress.done(stats)
+        # each process writes every n-th shard in turn (so its download threads can run ahead into its next shard);
+        # the writers die with this process (a stopped or requeued part leaves none writing behind its back)
+        lanes = [todo[i::workers] for i in range(min(workers, len(todo)))]
+        with ProcessPoolExecutor(max_workers=len(lanes), mp_context=get_context("fork"),
+                                 initializer=die_with_parent) as pool:
+            running = [pool.submit(write_shards, lane, make_sample, threads) for lane in lanes]
+            reported = [0] * len(lanes)
+            while True:
+                finished = wait(running, timeout=1.0).done
+                for lane, count in enumerate(reported):  # log each shard as its completion marker appears
+                    while count < len(lanes[lane]) and shard_complete(lanes[lane][count]):
+                        progress.done(json.loads(stats_path(Path(lanes[lane][count].split_dir),
+                                                            lanes[lane][count].shard).read_text()))
+                        count += 1
+                    reported[lane] = count
+                for future in finished:
+                    future.result()  # a lane that failed raises here
+                if len(finished) == len(running):
+                    break
     return [json.loads(stats_path(Path(t.split_dir), t.shard).read_text()) for t in tasks]
 
 
@@ -326,6 +385,8 @@ def merge_parts(out_dir: Path) -> Dict[str, Any]:
     splits = {}
     for split, entry in plan["splits"].items():
         split_dir = out_dir / entry["dir"]
+        for leftover in split_dir.glob(".*.tar.partial"):  # of a stopped writer; its shard was written since
+            leftover.unlink(missing_ok=True)
         stats = [json.loads(stats_path(split_dir, i).read_text()) for i in range(len(entry["shards"]))]
         splits[split] = finalize_split(split_dir, stats)
     info = {**plan["info"], "splits": splits}

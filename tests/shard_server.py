@@ -1,6 +1,7 @@
-"""An HTTP server of a shard directory with faults on chosen files: an error status, a connection dropped mid-body,
-a body that stalls. Used in a thread by the reader tests and as a script inside a node's namespace:
-    python tests/shard_server.py DIR --bind ADDR --port P [--fail NAME=404] [--drop NAME] [--stall NAME]
+"""An HTTP server of a shard (or photo) directory with faults on chosen files: an error status, a connection dropped
+mid-body, a body that stalls; a delay before every answer. Used in a thread by the reader tests and as a script inside
+a node's namespace:
+    python tests/shard_server.py DIR --bind ADDR --port P [--fail NAME=404] [--drop NAME] [--stall NAME] [--delay S]
 prints "serving http://ADDR:PORT" once it accepts connections."""
 import argparse
 import sys
@@ -14,13 +15,15 @@ from typing import Dict, Iterable, Tuple
 
 class ShardHandler(BaseHTTPRequestHandler):
     def __init__(self, *args, root: Path, fail: Dict[str, int], drop: Iterable[str], stall: Iterable[str],
-                 log: list, **kw):
+                 log: list, delay: float = 0.0, **kw):
         self.root, self.fail, self.drop, self.stall, self.requests = root, fail, set(drop), set(stall), log
+        self.delay = delay
         super().__init__(*args, **kw)
 
     def do_GET(self):
         name = self.path.lstrip("/")
         self.requests.append(name)
+        time.sleep(self.delay)
         path = self.root / name
         if name in self.fail:
             self.send_error(self.fail[name])
@@ -45,11 +48,12 @@ class ShardHandler(BaseHTTPRequestHandler):
         pass
 
 
-def serve(root: Path, bind: str = "127.0.0.1", port: int = 0, fail: Dict[str, int] = None, drop=(), stall=()
-          ) -> Tuple[ThreadingHTTPServer, list]:
+def serve(root: Path, bind: str = "127.0.0.1", port: int = 0, fail: Dict[str, int] = None, drop=(), stall=(),
+          delay: float = 0.0) -> Tuple[ThreadingHTTPServer, list]:
     """A started server (daemon thread) and the list of file names requested from it."""
     requests: list = []
-    handler = partial(ShardHandler, root=Path(root), fail=fail or {}, drop=drop, stall=stall, log=requests)
+    handler = partial(ShardHandler, root=Path(root), fail=fail or {}, drop=drop, stall=stall, log=requests,
+                      delay=delay)
     httpd = ThreadingHTTPServer((bind, port), handler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -64,9 +68,10 @@ def main() -> None:
     parser.add_argument("--fail", action="append", default=[], help="NAME=STATUS")
     parser.add_argument("--drop", action="append", default=[])
     parser.add_argument("--stall", action="append", default=[])
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
     args = parser.parse_args()
     fail = {name: int(code) for name, code in (f.split("=") for f in args.fail)}
-    httpd, _ = serve(Path(args.root), args.bind, args.port, fail, args.drop, args.stall)
+    httpd, _ = serve(Path(args.root), args.bind, args.port, fail, args.drop, args.stall, args.delay)
     print(f"serving http://{args.bind}:{httpd.server_address[1]}", flush=True)
     try:
         while True:

@@ -293,3 +293,58 @@ def test_a_crawl_in_two_parts_gives_the_shards_of_one_crawl(server, tmp_path):
     for name in written:
         if name != "info.json":
             assert (tmp_path / "parts" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+class KeepAliveHandler(Handler):
+    """HTTP/1.1: a connection stays open for the next request; counts the connections opened to it."""
+    protocol_version = "HTTP/1.1"
+    connections = 0
+    lock = threading.Lock()
+
+    def setup(self):
+        super().setup()
+        with KeepAliveHandler.lock:
+            KeepAliveHandler.connections += 1
+
+
+def test_a_download_thread_keeps_its_connection_to_a_host_open(tmp_path):
+    KeepAliveHandler.connections = 0
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), KeepAliveHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        rows = [{"url": f"{base}/img/{i}.jpg"} for i in range(24)] + [{"url": f"{base}/missing.jpg"}]
+        pd.DataFrame(rows).to_csv(tmp_path / "urls.csv", index=False)
+        summary = crawl(str(tmp_path / "urls.csv"), str(tmp_path / "out"), shard_size=13, threads=2, retries=0,
+                        options=NO_DETECT, allow_private=True)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert summary["samples"] == 24 and summary["failures"] == {"http_404": 1}
+    # 2 shards x 2 threads: one connection per thread and shard (a 404 with its body unread costs one more),
+    # not one per image
+    assert KeepAliveHandler.connections <= 5, KeepAliveHandler.connections
+
+
+def test_download_threads_run_ahead_into_the_next_shard_while_one_item_is_slow(tmp_path):
+    """A download that hangs at the end of a shard does not idle the other threads: the next shard's items start
+    while it is pending (with a pool per shard they could not, and the slow item's wait would fail it)."""
+    from data_tools.samples import SampleBuilder
+    from data_tools.writer import ShardTask, write_shards
+    next_shard_started = threading.Event()
+    builder = SampleBuilder("toy", ["a"], NO_DETECT)
+    photo = jpeg_bytes(photo_crop(0, 32))
+
+    def make(item):
+        if item == "slow" and not next_shard_started.wait(20):
+            raise DownloadError("timeout", "the next shard's items did not start while this one was pending")
+        if item == "b0":
+            next_shard_started.set()
+        return builder.build(photo, split="train", source=item, label=0)
+
+    tasks = [ShardTask(str(tmp_path), "train", 0, ["a0", "a1", "slow"]), ShardTask(str(tmp_path), "train", 1,
+                                                                                  ["b0", "b1"])]
+    stats = write_shards(tasks, make, threads=2)
+    assert [(s["samples"], s["failed"]) for s in stats] == [(3, 0), (2, 0)]
+    keys = [json.loads(line)["source"] for line in (tmp_path / "00000_status.jsonl").read_text().splitlines()]
+    assert keys == ["a0", "a1", "slow"]  # written in item order all the same

@@ -322,3 +322,159 @@ def test_ranks_on_both_nodes_stream_shards_from_a_server_with_faults(cluster, sh
     assert "unreadable_shard" in text and "HTTP Error 404" in text and "00002.tar" in text
     assert "bad_tar" in text and "00005.tar" in text
     print(f"streamed run: {result['dropped_in_this_run']} losses counted, final step {result['final_step']}")
+
+
+@pytest.fixture(scope="module")
+def photo_server(cluster, tmp_path_factory):
+    """48 photos served from node1 (http://node1:PORT/NNN.jpg), each answer 0.15 s late; a URL list of them with two
+    rows that answer 404."""
+    import signal
+
+    from image_data import jpeg_bytes, photo_crop
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(48):
+        (root / f"{i:03d}.jpg").write_bytes(jpeg_bytes(photo_crop(i, 80)))
+    server = subprocess.Popen(
+        ["bash", str(HERE / "multinode_exec.sh"), str(cluster.base), "1", sys.executable, "tests/shard_server.py",
+         str(root), "--bind", "0.0.0.0", "--delay", "0.15"],
+        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        port = server.stdout.readline().strip().rsplit(":", 1)[-1]
+        assert port.isdigit(), f"photo server did not start (exit {server.poll()})"
+        rows = [f"http://node1:{port}/{i:03d}.jpg" for i in range(48)] + [f"http://node1:{port}/gone{i}.jpg"
+                                                                         for i in range(2)]
+        urls = root / "urls.csv"
+        urls.write_text("url\n" + "\n".join(rows) + "\n")
+        yield urls
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def crawl_args(cluster: Cluster, urls: Path, out: Path) -> list:
+    """The cluster's network is allowed by CIDR, as a crawl of an image server inside a cluster would be."""
+    node1 = next(line.split()[0] for line in (cluster.base / "hosts").read_text().splitlines()
+                 if line.split()[1:] == ["node1"])
+    net = node1.rsplit(".", 1)[0]
+    return [urls, "--out", out, "--detector", "none", "--shard-size", "5", "--threads", "2", "--retries", "0",
+            "--allow-cidr", f"{net}.0/24"]
+
+
+def same_shards(a: Path, b: Path) -> None:
+    """Every file of two sharding outputs byte-identical (info.json apart: it records the command and the time)."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and "sizes.json" in names and "info.json" in names
+    for name in names:
+        if name != "info.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert json.loads((a / "info.json").read_text())["splits"] == json.loads((b / "info.json").read_text())["splits"]
+
+
+def array_task_hosts(log_dir: Path) -> dict:
+    """task id -> host names it ran on, from the data jobs' first log line of each (re)start."""
+    hosts = {}
+    for log in log_dir.glob("*.log"):
+        for line in log.read_text().splitlines():
+            if " task " in line and " on node" in line:
+                task = line.split(" task ", 1)[1].split()[0]
+                hosts.setdefault(task, []).append(line.split(" on ", 1)[1].split(",")[0])
+    return hosts
+
+
+def test_a_crawl_split_over_two_nodes_gives_the_shards_of_a_one_node_crawl(cluster, photo_server, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    cluster.run(sys.executable, "-m", "data_tools", "crawl", *crawl_args(cluster, photo_server, whole), node=2,
+                timeout=180)
+    (tmp_path / "logs").mkdir()
+    job = cluster.run("sbatch", "--parsable", "--array=0-1", "--cpus-per-task=2",
+                      f"--output={tmp_path / 'logs' / '%A_%a.log'}", "slurm/crawl.sh",
+                      *crawl_args(cluster, photo_server, parts)).stdout.strip()
+    for task in (0, 1):
+        assert cluster.wait(f"{job}_{task}", {"COMPLETED"}) == "COMPLETED"
+    hosts = array_task_hosts(tmp_path / "logs")
+    assert sorted(h for task in ("0", "1") for h in hosts[task]) == ["node1", "node2"], hosts  # a part on each
+    same_shards(whole, parts)
+    stats = json.loads((whole / "info.json").read_text())["splits"]["train"]
+    assert stats["samples"] == 48 and stats["failures"] == {"http_404": 2} and stats["shards"] == 10
+
+
+def test_a_crawl_part_requeued_mid_shard_leaves_no_partial_shard_and_completes(cluster, photo_server, tmp_path):
+    """Part 0 of 2 as a batch job, stopped while it writes a shard (USR1, as ahead of a time limit) and requeued:
+    no visible shard is ever partial, merge-parts names every shard not yet complete, the requeued part finishes
+    its shards, and part 1 (run later, on the other node) completes the job."""
+    import tarfile
+    out, log = tmp_path / "out", tmp_path / "part0.log"
+    job = cluster.run("sbatch", "--parsable", "--cpus-per-task=2", f"--output={log}", "slurm/crawl.sh",
+                      *crawl_args(cluster, photo_server, out), "--part", "0/2").stdout.strip()
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob(".*.tar.partial")):  # a shard is being written
+        time.sleep(0.05)
+    assert list(out.glob(".*.tar.partial")), cluster.logs()
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    cluster.wait(job, {"PENDING"}, timeout=120)
+    for tar in out.glob("[0-9]*.tar"):  # what is visible is whole (a tar renamed into place, marker or not)
+        with tarfile.open(tar) as f:
+            assert len(f.getmembers()) % 2 == 0, tar  # jpg + json per sample
+    plan = json.loads((out / "plan.json").read_text())["splits"]["train"]["shards"]
+    incomplete = [f"train/{n:05d}.tar" for n in range(len(plan)) if not (out / f"{n:05d}_stats.json").exists()]
+    assert any(int(name[6:11]) % 2 == 0 for name in incomplete), incomplete  # part 0 was stopped with work left
+    refused = cluster.run(sys.executable, "-m", "data_tools", "merge-parts", out, check=False)
+    assert refused.returncode == 2 and all(name in refused.stderr for name in incomplete), refused.stderr
+    deadline = time.time() + 60  # as in test_requeue_resumes_on_both_nodes: release the requeued job by hand
+    while time.time() < deadline and cluster.run("sinfo", "-h", "-N", "-o", "%T").stdout.split() != ["idle"] * NODES:
+        time.sleep(0.5)
+    time.sleep(5)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    assert cluster.wait(job, {"COMPLETED"}, timeout=240) == "COMPLETED"
+    text = log.read_text()
+    assert "USR1: stopping this part" in text and "(restart 1)" in text, text
+    assert not (out / "info.json").exists()  # part 1 has not run
+    cluster.run(sys.executable, "-m", "data_tools", "crawl", *crawl_args(cluster, photo_server, out), "--part", "1/2",
+                node=2, timeout=180)
+    assert not list(out.glob(".*.partial")), sorted(p.name for p in out.iterdir())
+    info = json.loads((out / "info.json").read_text())["splits"]["train"]
+    assert info["samples"] == 48 and info["failures"] == {"http_404": 2}
+    from data_tools.verify import verify
+    assert not verify(str(out))["problems"]
+
+
+def test_merge_parts_refuses_an_incomplete_sharding_job_until_its_last_part_runs(cluster, tmp_path):
+    from data_tools.registry import REGISTRY
+    from image_data import make_class_tree
+    make_class_tree(tmp_path / "src", REGISTRY["Emotion6"].classes, per_class=4, size=36)
+    out = tmp_path / "shards"
+    args = ["shard-folder", "Emotion6", tmp_path / "src", "--out", out, "--detector", "none", "--shard-size", "4",
+            "--min-shards", "2"]
+    first = cluster.run("sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path / 'p0.log'}",
+                        "slurm/shard.sh", *args, "--part", "0/2").stdout.strip()
+    assert cluster.wait(first, {"COMPLETED"}) == "COMPLETED"
+    refused = cluster.run(sys.executable, "-m", "data_tools", "merge-parts", out, node=2, check=False)
+    plan = json.loads((out / "plan.json").read_text())
+    odd = [f"{split}/{n:05d}.tar" for split, entry in plan["splits"].items() for n in range(len(entry["shards"]))
+           if n % 2]
+    assert refused.returncode == 2 and odd and all(name in refused.stderr for name in odd[:10]), refused.stderr
+    assert not (out / "info.json").exists()
+    second = cluster.run("sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path / 'p1.log'}",
+                         "slurm/shard.sh", *args, "--part", "1/2").stdout.strip()
+    assert cluster.wait(second, {"COMPLETED"}) == "COMPLETED"
+    info = json.loads((out / "info.json").read_text())  # the last part wrote it
+    assert sum(s["samples"] for s in info["splits"].values()) == 4 * len(REGISTRY["Emotion6"].classes)
+    assert cluster.run(sys.executable, "-m", "data_tools", "merge-parts", out, node=2).returncode == 0
+    bad = subprocess.run(["bash", "slurm/shard.sh", "crawl", "x"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "must be shard-folder or shard-emoset, not 'crawl'" in bad.stderr, bad.stderr
+
+
+def test_the_teacher_cache_as_a_job_over_two_nodes(cluster, shards, tmp_path):
+    """slurm/cache_teacher.sh: one torchrun per node, rank r of 2 embeds shards r, r+2, ...; every shard's sidecar
+    and completion marker is written (test_distill shows a rerun skips them and 2 ranks write what 1 does)."""
+    out, log = tmp_path / "cache", tmp_path / "job.log"
+    job = cluster.run("sbatch", "--parsable", f"--nodes={NODES}", "--cpus-per-task=2", "--gpus-per-node=0",
+                      f"--output={log}", "--export=ALL,NPROC_PER_NODE=1", "slurm/cache_teacher.sh", "--shards", shards,
+                      "--teacher-config", "configs/pretrain/tiny.yaml", "--out", out, "--workers", "1",
+                      "--batch-size", "16").stdout.strip()
+    assert cluster.wait(job, {"COMPLETED"}) == "COMPLETED"
+    for shard in range(8):
+        assert json.loads((out / f"{shard:05d}_stats.json").read_text())["samples"] == 20, shard
+    text = log.read_text()
+    assert "2 node(s) x 1 processes" in text and "rank 0 of 2, 4 shards, 80 samples" in text, text
+    assert (out / "00007.tar").is_file()
