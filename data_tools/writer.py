@@ -11,7 +11,6 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -118,10 +117,11 @@ def atomic_tar(path: Path) -> Iterator[wds.TarWriter]:
     fsync_dir(path.parent)
 
 
-def write_shard(task: ShardTask, make_sample: SampleMaker, threads: int = 0,
+def write_shard(task: ShardTask, make_sample: SampleMaker,
                 results: Optional[Iterator[Any]] = None) -> Dict[str, Any]:
     """Write one shard to a hidden partial file, rename it into place, then write its stats (the marker).
-    `results`: the task's samples, prepared elsewhere (a SampleStream), in item order."""
+    `results`: the task's samples, prepared elsewhere (a SampleStream), in item order; by default they are made
+    here, one after the other."""
     split_dir = Path(task.split_dir)
     tar = split_dir / shard_name(task.shard)
     stats: Dict[str, Any] = {"shard": tar.name, "split": task.split, "schema_version": SCHEMA_VERSION,
@@ -129,7 +129,8 @@ def write_shard(task: ShardTask, make_sample: SampleMaker, threads: int = 0,
                              "failures": {}, "classes": {}}
     status_rows = []
     with atomic_tar(tar) as writer:
-        results = _results(task.items, make_sample, threads) if results is None else results
+        if results is None:
+            results = (_call(make_sample, item) for item in task.items)
         for index, (item, result) in enumerate(zip(task.items, results)):
             key = sample_key(task.split, task.shard, index)
             if isinstance(result, Exception):  # every failure is counted with its reason, none stops the shard
@@ -162,21 +163,6 @@ def _call(make_sample: SampleMaker, item: Any):
         return e
 
 
-def _results(items: Sequence[Any], make_sample: SampleMaker, threads: int) -> Iterator[Any]:
-    """Samples in item order; with threads > 0, up to that many are prepared concurrently (downloads)."""
-    if threads <= 0:
-        return (_call(make_sample, item) for item in items)
-    pool = ThreadPoolExecutor(max_workers=threads)
-    results = pool.map(partial(_call, make_sample), items)
-
-    def drain():
-        try:
-            yield from results
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return drain()
-
-
 class SampleStream:
     """The samples of consecutive shards, prepared by one pool of threads with up to `window` items (default 32 per
     thread) in flight across shard boundaries. Samples are written in item order, so a slow item (a download that
@@ -207,7 +193,7 @@ def write_shards(tasks: Sequence[ShardTask], make_sample: SampleMaker, threads: 
     written = []
     try:
         for task in tasks:
-            written.append(write_shard(task, make_sample, threads, stream.results(task) if stream else None))
+            written.append(write_shard(task, make_sample, stream.results(task) if stream else None))
             if on_done is not None:
                 on_done(written[-1])
     finally:

@@ -2,7 +2,7 @@
 before it is distilled (stage 1 of adapt teacher -> pretrain with it -> fine-tune).
 
     torchrun --nproc_per_node 2 -m finetune.adapt_teacher --dataset FI --data shards/FI \
-        teacher.arch=ViT-B-16 teacher.checkpoint=/models/clip_b16.bin run.output_dir=runs/teacher_fi
+        teacher.arch=ViT-B-16 teacher.checkpoint=path/to/clip_b16.bin run.output_dir=runs/teacher_fi
     # then: pretrain/main.py ... teacher.checkpoint=runs/teacher_fi/teacher.safetensors
 
 Each image is paired with its class's prompt ("a photo that conveys {emotion}.", a template drawn at random per

@@ -3,7 +3,7 @@ a temporal run (finetune/temporal_main.py), per-frame valence/arousal of videos 
 
     python -m finetune.predict --checkpoint runs/ft_FI photos/ more/*.jpg shards/x/00000.tar --out preds.csv
     python -m finetune.predict --zero-shot --labels plutchik24.txt --checkpoint runs/vit_l16 \
-        --teacher-checkpoint /models/clip_b16.bin photos/ --out preds.jsonl
+        --teacher-checkpoint path/to/clip_b16.bin photos/ --out preds.jsonl
 
 IMAGES are files, folders (searched recursively for image files), glob patterns or shards (.tar). The checkpoint
 is a fine-tuning run directory, a classifier exported by finetune.export, or a reference (MAE / UniEmoX

@@ -1,7 +1,7 @@
 """Zero-shot emotion: the student's distilled embedding lives in CLIP's space, so prompts embedded by the teacher's
 text tower classify images without a head (CLIP's zero-shot recipe: several templates averaged per label).
 
-    python -m finetune.zeroshot --checkpoint runs/vit_l16 --teacher-checkpoint /models/clip_b16.bin \
+    python -m finetune.zeroshot --checkpoint runs/vit_l16 --teacher-checkpoint path/to/clip_b16.bin \
         --dataset FI --data shards/FI            # top-1 / top-3 / macro-F1 on the test split
     python -m finetune.zeroshot --checkpoint runs/demo --dataset fashion --data shards/fashion --teacher-only
 

@@ -1,9 +1,9 @@
 """`python -m pretrain.cache_teacher`: the teacher's image and text embeddings of every sample, as sidecar shards.
 
     python -m pretrain.cache_teacher --shards 'shards/web/{00000..00999}.tar' --teacher-arch ViT-B-16 \
-        --teacher-checkpoint /models/clip_vit_b16.bin --out shards/web_teacher
+        --teacher-checkpoint path/to/clip_vit_b16.bin --out shards/web_teacher
     torchrun --nproc_per_node 8 -m pretrain.cache_teacher --shards ... --teacher-config configs/pretrain/vit_b16.yaml \
-        --teacher-checkpoint /models/clip_vit_b16.bin --out shards/web_teacher      # one GPU per rank
+        --teacher-checkpoint path/to/clip_vit_b16.bin --out shards/web_teacher      # one GPU per rank
     python -m pretrain.cache_teacher --shards ... --teacher-config configs/pretrain/demo.yaml --out ...
 
 For each shard NNNNN.tar it writes out/NNNNN.tar holding `{key}.clip_image.npy` and `{key}.clip_text.npy`

@@ -4,7 +4,7 @@
 # `python -m pretrain.cache_teacher`.
 #
 #   sbatch --nodes=4 slurm/cache_teacher.sh --shards 'shards/web/{00000..09999}.tar' \
-#       --teacher-config configs/pretrain/vit_b16.yaml --teacher-checkpoint /models/clip_vit_b16.bin \
+#       --teacher-config configs/pretrain/vit_b16.yaml --teacher-checkpoint path/to/clip_vit_b16.bin \
 #       --out shards/web_teacher
 #SBATCH --job-name=uniemox-cache-teacher
 #SBATCH --nodes=1

@@ -10,8 +10,8 @@ echo "$(date +%T) job ${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID} task ${SLURM_ARRAY_TA
      "data_tools $COMMAND $*"
 
 # Slurm sends USR1 to this script ahead of the time limit: the part stops at once (its shard-writing processes
-# die with it; a shard being written is only a hidden .partial file, never a visible one without its completion
-# marker) and the task is requeued; the rerun skips the shards already finished.
+# die with it; a shard being written is only a hidden .partial file, and a visible shard whose completion marker
+# is missing counts as not written) and the task is requeued; the rerun skips the shards already finished.
 requeue() {
   echo "$(date +%T) USR1: stopping this part, requeueing task $SLURM_JOB_ID"
   kill -TERM "$STEP" 2>/dev/null || true

@@ -2,7 +2,7 @@
 # Pretraining on a Slurm cluster: one torchrun per node over all its GPUs, requeued at preemption or time limit.
 #
 #   sbatch --nodes=2 slurm/pretrain.sh configs/pretrain/vit_l16.yaml run.output_dir=runs/vit_l16 \
-#       teacher.checkpoint=/models/clip_b16.bin "data.train=[shards/web/{00000..09999}.tar]" \
+#       teacher.checkpoint=path/to/clip_b16.bin "data.train=[shards/web/{00000..09999}.tar]" \
 #       teacher.cache=shards/web_teacher
 #
 # Each node is the job's alone (--exclusive, --mem=0): its CPUs feed the loader workers (data.num_workers: auto
