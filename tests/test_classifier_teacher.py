@@ -48,7 +48,9 @@ def test_embedding_is_the_documented_composition(teacher):
         p = torch.softmax(net.eval()(images) / 3.0, dim=-1)
     expected = F.normalize(p @ classes - classes.mean(0), dim=-1)
     assert torch.allclose(teacher.encode_image(images), expected, atol=1e-4)
-    texts = ["The overall emotion conveyed is awe.", "a short one"]
+    # more texts than one sentence-encoder call takes, of mixed lengths: each row stays the text's own embedding
+    texts = ["The overall emotion conveyed is awe.", "a short one"] + [f"a {c}" for c in IMAGENET_CLASSNAMES[::7]]
+    assert len(texts) > classifier_teacher.TEXT_CHUNK
     assert torch.allclose(teacher.encode_text(teacher.tokenize(texts)),
                           F.normalize(st.encode(texts, convert_to_tensor=True), dim=-1), atol=1e-5)
     assert teacher.embed_dim == 384 == teacher_embed_dim(TeacherConfig(backend="classifier", checkpoint="x"))
